@@ -1,0 +1,112 @@
+"""Complete text prompts with a LLaMA checkpoint, on CPU, one GPU or N GPUs.
+
+    python example.py                                   # tiny random-weight demo, no download
+    torchrun --nproc_per_node N example.py --ckpt_dir D [--tokenizer_path T] --seed 1 \
+        --prompts "first prompt" "second prompt" --temperature 0.6 --top_p 0.9 \
+        --max_seq_len 128 --max_gen_len 64 --max_batch_size 4 [--device cpu] [--dtype bf16]
+
+Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+import fire
+
+from llama import Llama
+from llama.distributed import env_rank
+
+DEFAULT_PROMPTS = ["Once upon a time", "The capital of France is"]
+DEMO_WARNING = (
+    "No --ckpt_dir given: running a tiny random-weight demo model built on the spot. Its output is "
+    "gibberish BY DESIGN. For real text pass --ckpt_dir with a Meta checkpoint folder (params.json, "
+    "consolidated.NN.pth, tokenizer.model), e.g. one made by scripts/convert_llama2c.py."
+)
+log = logging.getLogger("example")
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    prompts: Optional[List[str]] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    seed: int = 1,
+    model_parallel_size: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> None:
+    prompts = [str(p) for p in (prompts if prompts is not None else DEFAULT_PROMPTS)]
+    with tempfile.TemporaryDirectory(prefix="llama-demo-") as scratch:
+        if ckpt_dir is None:
+            from llama.tiny import make_tiny_checkpoint
+
+            log.warning(DEMO_WARNING)
+            ckpt_dir = str(make_tiny_checkpoint(os.path.join(scratch, "tiny")))
+        ckpt_dir = str(ckpt_dir)
+        tokenizer_path = str(tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"))
+        generator = Llama.build(
+            ckpt_dir=ckpt_dir,
+            tokenizer_path=tokenizer_path,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            model_parallel_size=model_parallel_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+    results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    if env_rank() == 0:
+        for prompt, result in zip(prompts, results):
+            print(prompt + result["generation"])
+            print("\n==================================\n", flush=True)
+
+
+def collect_prompts(argv: List[str]) -> List[str]:
+    """Take every word after --prompts verbatim, then hand fire a Python literal of the list.
+
+    fire reads one value per flag and parses it as a literal, so `--prompts "a, b" c` would give
+    the tuple ('a', 'b') and lose "c".
+    """
+    out, prompts, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--prompts":
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            prompts, i = argv[i + 1 : j], j
+            continue
+        if argv[i].startswith("--prompts="):
+            prompts = [argv[i].split("=", 1)[1]]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out if prompts is None else out + ["--prompts=" + repr(prompts)]
+
+
+def run(argv: List[str]) -> int:
+    rank = env_rank()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
+    try:
+        fire.Fire(main, command=collect_prompts(argv))
+    except (ValueError, TypeError, OSError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,79 @@
+"""Process group, fairscale model-parallel groups, device and dtype choice."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun announces it (0 for a plain `python` run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """`device` as given, else cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """`dtype` as given, else bf16 on CUDA where supported (fp16 otherwise), float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tuple[int, int]:
+    """Join (or create) the process group and fairscale's model-parallel groups.
+
+    Returns (model-parallel rank, model-parallel size). A plain `python` run with no
+    torchrun variables gets a private one-process group, so no port is opened.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # nccl binds each rank to its current device
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not fs_init.model_parallel_is_initialized():
+        # fairscale prints its group sizes on every rank; keep non-zero ranks (and stdout) quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            fs_init.initialize_model_parallel(model_parallel_size)
+    mp_size = fs_init.get_model_parallel_world_size()
+    if mp_size != model_parallel_size:
+        raise ValueError(f"model parallelism is already set up with size {mp_size}, "
+                         f"not the {model_parallel_size} requested")
+    return fs_init.get_model_parallel_rank(), mp_size

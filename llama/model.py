@@ -1,0 +1,294 @@
+"""The LLaMA transformer on fairscale's model-parallel layers.
+
+Parameter names and shapes follow Meta's `consolidated.NN.pth` checkpoints, so a
+rank's shard loads with a single `load_state_dict`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "ModelArgs":
+        """Build from a `params.json` dict; keys this model does not use are named in a warning."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            log.warning("params.json keys not used by this model (ignored): %s", ", ".join(unknown))
+        values = {k: v for k, v in params.items() if k in known}
+        values.update(overrides)
+        args = cls(**values)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: fix params.json")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}: fix params.json"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: fix dim or n_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, scaled by ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _keep(w: torch.Tensor) -> torch.Tensor:
+    # Weights come from a checkpoint; skip fairscale's random init.
+    return w
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reduce in float32: bf16/fp16 squares lose too much precision.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE rotations as (cos, sin) pairs: shape (end, head_dim // 2, 2), float32.
+
+    Stored as real numbers, not complex, so the table survives dtype casts and torch.compile.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, head_dim/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's checkpoints expect.
+
+    x: (B, T, H, D); freqs_cis: (B or 1, T, D/2, 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    cos = freqs_cis[..., 0].unsqueeze(2)  # (B, T, 1, D/2)
+    sin = freqs_cis[..., 1].unsqueeze(2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def _model_parallel_size() -> int:
+    return fs_init.get_model_parallel_world_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = _model_parallel_size()
+        if args.n_heads % mp or args.n_kv_heads % mp:
+            raise ValueError(
+                f"n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} must both be divisible by the "
+                f"model-parallel size {mp}: run with fewer processes"
+            )
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        positions: Union[int, torch.Tensor],
+        mask: Optional[torch.Tensor],
+        kv_len: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+        if isinstance(positions, int):
+            self.cache_k[:B, :, positions : positions + T] = k
+            self.cache_v[:B, :, positions : positions + T] = v
+        else:  # positions: (B, T), one row of absolute positions per sequence
+            rows = torch.arange(B, device=x.device).unsqueeze(1)  # (B, 1)
+            self.cache_k[rows, :, positions] = k.transpose(1, 2)  # index_put wants (B, T, Hkv, D)
+            self.cache_v[rows, :, positions] = v.transpose(1, 2)
+        keys = self.cache_k[:B, :, :kv_len]  # (B, Hkv, S, D)
+        values = self.cache_v[:B, :, :kv_len]
+
+        # Grouped-query attention without copying the cache: fold the n_rep query heads that
+        # share a kv head into the query-length axis. Query head h uses kv head h // n_rep.
+        q = q.view(B, T, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        q = q.permute(0, 2, 3, 1, 4).reshape(B, self.n_local_kv_heads, self.n_rep * T, self.head_dim)
+        if mask is not None:  # (B or 1, 1, T, S) -> (B or 1, 1, n_rep * T, S)
+            mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).flatten(2, 3)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, Hkv, n_rep*T, D)
+        out = out.view(B, self.n_local_kv_heads, self.n_rep, T, self.head_dim)
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_local_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, positions, mask, kv_len) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, positions, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        params.validate()
+        if params.vocab_size <= 0:
+            raise ValueError(f"vocab_size={params.vocab_size}: set it from the tokenizer before building the model")
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        freqs = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta)
+        self.register_buffer("freqs_cis", freqs, persistent=False)
+
+    def setup_cache(
+        self,
+        max_batch_size: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Allocate every layer's KV cache: (max_batch_size, local kv heads, max_seq_len, head_dim)."""
+        weight = self.tok_embeddings.weight
+        max_batch_size = max_batch_size or self.params.max_batch_size
+        max_seq_len = max_seq_len or self.params.max_seq_len
+        if max_seq_len > self.freqs_cis.shape[0]:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {self.freqs_cis.shape[0]}")
+        for layer in self.layers:
+            layer.attention.setup_cache(max_batch_size, max_seq_len, device or weight.device, dtype or weight.dtype)
+
+    @property
+    def cache_shape(self) -> Optional[tuple]:
+        cache = self.layers[0].attention.cache_k
+        return None if cache is None else (cache.shape[0], cache.shape[2])
+
+    def hidden(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, kv_len: Optional[int] = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) for `tokens` (B, T), filling the KV cache.
+
+        `start_pos` is the position of tokens[:, 0]: an int shared by every row, or a (B,) tensor
+        of per-row positions (rows of a batch may then sit at different positions). With per-row
+        positions, `kv_len` bounds the keys attended to (default: the whole cache).
+        """
+        B, T = tokens.shape
+        if self.cache_shape is None:
+            self.setup_cache()
+        max_batch, max_seq = self.cache_shape
+        if B > max_batch:
+            raise ValueError(f"batch of {B} exceeds the cache's max_batch_size={max_batch}")
+        device = tokens.device
+        if isinstance(start_pos, int):
+            if start_pos < 0 or start_pos + T > max_seq:
+                raise ValueError(f"positions {start_pos}..{start_pos + T - 1} fall outside max_seq_len={max_seq}")
+            positions: Union[int, torch.Tensor] = start_pos
+            kv_len = start_pos + T
+            freqs_cis = self.freqs_cis[start_pos : start_pos + T].unsqueeze(0)  # (1, T, D/2, 2)
+            mask = None
+            if T > 1:  # causal, offset by start_pos: query t sees keys 0..start_pos+t
+                query_pos = torch.arange(start_pos, start_pos + T, device=device)
+                mask = (torch.arange(kv_len, device=device) <= query_pos[:, None])[None, None]  # (1, 1, T, S)
+        else:
+            positions = start_pos.to(device).view(B, 1) + torch.arange(T, device=device)  # (B, T)
+            kv_len = kv_len or max_seq
+            freqs_cis = self.freqs_cis[positions]  # (B, T, D/2, 2)
+            mask = (torch.arange(kv_len, device=device) <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, positions, mask, kv_len)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h).float()
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+        """Float32 logits (B, T, vocab_size) for every position of `tokens`."""
+        return self.logits(self.hidden(tokens, start_pos))

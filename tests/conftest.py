@@ -1,0 +1,79 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama, ModelArgs, Transformer
+from llama.distributed import setup_model_parallel
+from llama.tiny import TINY_PARAMS, make_tiny_checkpoint, random_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+
+
+def asset(name: str) -> Path:
+    """A real file from ../shared/assets, or skip: a fresh clone has no ../shared."""
+    path = ASSETS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (real assets live in ../shared/assets beside the repo)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --nproc_per_node nproc ARGS...` from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny1", num_shards=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt2(tmp_path_factory) -> Path:
+    """The same weights as tiny_ckpt, cut into 2 model-parallel shards."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny2", num_shards=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_ckpt) -> Llama:
+    return Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
+                       device="cpu")
+
+
+@pytest.fixture(scope="session")
+def stories_ckpt(tmp_path_factory) -> Path:
+    """The real stories260K model converted to Meta's layout by scripts/convert_llama2c.py."""
+    model, tok = asset("stories260K.bin"), asset("tok512.model")
+    out = tmp_path_factory.mktemp("stories") / "stories260K"
+    proc = run_python("scripts/convert_llama2c.py", str(model), str(tok), str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def random_model(seed: int = 0, max_seq_len: int = 64, max_batch_size: int = 4, **overrides):
+    """A one-process Transformer with random float32 weights, and its state dict."""
+    setup_model_parallel(1, torch.device("cpu"))
+    args = ModelArgs.from_params({**TINY_PARAMS, "vocab_size": 256, **overrides}, max_seq_len=max_seq_len,
+                                 max_batch_size=max_batch_size)
+    sd = random_state_dict(args, seed=seed)
+    model = Transformer(args)
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False), sd

@@ -1,0 +1,43 @@
+"""example.py and the scripts, run as a user runs them."""
+import pytest
+
+from conftest import run_python
+from llama import Llama
+
+
+def test_example_py_demo_runs_with_no_arguments():
+    proc = run_python("example.py", "--max_gen_len", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert "gibberish BY DESIGN" in proc.stderr
+    assert proc.stdout.startswith("Once upon a time")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt_dir", "/nonexistent/ckpt"], "params.json is missing"),
+    (["--temperature", "-1"], "temperature=-1"),
+    (["--top_p", "0"], "top_p=0"),
+    (["--max_batch_size", "1", "--prompts", "a", "b"], "2 prompts exceed max_batch_size=1"),
+    (["--max_seq_len", "4", "--prompts", "one two three four five six"], "more than max_seq_len=4"),
+])
+def test_example_py_bad_input_is_one_line_without_traceback(args, message):
+    proc = run_python("example.py", *args)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_empty_ckpt_dir(tmp_path):
+    (tmp_path / "params.json").write_text("{}")
+    proc = run_python("example.py", "--ckpt_dir", str(tmp_path))
+    assert proc.returncode == 1 and "no consolidated.NN.pth shards" in proc.stderr
+
+
+def test_make_tiny_checkpoint_script(tmp_path):
+    out = tmp_path / "made"
+    proc = run_python("scripts/make_tiny_checkpoint.py", str(out), "--num_shards", "2", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(ValueError, match="2 shard"):
+        Llama.build(str(out), str(out / "tokenizer.model"), max_seq_len=16, max_batch_size=1)
