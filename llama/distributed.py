@@ -5,13 +5,14 @@ import contextlib
 import io
 import logging
 import os
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -77,3 +78,42 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
         raise ValueError(f"model parallelism is already set up with size {mp_size}, "
                          f"not the {model_parallel_size} requested")
     return fs_init.get_model_parallel_rank(), mp_size
+
+
+class RankError(RuntimeError):
+    """Another rank failed with an error that has no counterpart here; the message says which rank."""
+
+
+# Error types that may be re-created by name on the ranks that did not raise them.
+_MIRRORED = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, OSError, MemoryError)}
+
+
+def on_every_rank(step: Callable[[], T]) -> T:
+    """Run `step` here, then agree with every other rank on whether it failed anywhere.
+
+    A failure only one rank sees (its own shard unreadable, its own memory short) would leave the
+    other ranks blocked in their next collective. One small all_gather instead makes every rank
+    raise the first failing rank's error, so they all stop together with the same message.
+    """
+    error: Optional[BaseException] = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return result
+    report = None if error is None else (type(error).__name__, str(error))
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if not failed:
+        return result
+    rank, (kind, message) = failed[0]
+    if rank == dist.get_rank():
+        raise error
+    from llama.checkpoint import CheckpointError  # local: checkpoint imports nothing from here
+
+    cls = CheckpointError if kind == "CheckpointError" else _MIRRORED.get(kind, RankError)
+    raise cls(f"rank {rank}: {message}" if cls is not RankError else f"rank {rank}: {kind}: {message}")

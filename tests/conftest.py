@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
 
 from llama import Llama, ModelArgs, Transformer
 from llama.distributed import setup_model_parallel
 from llama.tiny import TINY_PARAMS, make_tiny_checkpoint, random_state_dict
+
+# Property tests: bounded and derandomized by default (CI); `pytest --hypothesis-profile=long` digs deeper.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=2000, deadline=None)
+settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

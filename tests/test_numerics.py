@@ -1,0 +1,24 @@
+"""NaN/inf in weights or activations are found and named."""
+import torch
+
+from conftest import random_model
+from llama.numerics import locate_nonfinite, nonfinite_tensors
+
+
+def test_nonfinite_weights_are_named():
+    _, sd = random_model()
+    sd["layers.1.feed_forward.w2.weight"][3, 4] = float("nan")
+    sd["norm.weight"][0] = float("inf")
+    assert nonfinite_tensors(sd) == ["layers.1.feed_forward.w2.weight", "norm.weight"]
+
+
+def test_locate_names_the_first_module_that_overflows_in_float16():
+    model, sd = random_model()
+    model = model.half()
+    model.setup_cache(dtype=torch.float16)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert locate_nonfinite(model, tokens) is None
+    poisoned = {k: v.half() for k, v in sd.items()}
+    poisoned["layers.1.feed_forward.w3.weight"] *= 1e5  # past float16's 65504
+    model.load_state_dict(poisoned)
+    assert locate_nonfinite(model, tokens).startswith("layers.1.feed_forward.w3 (ColumnParallelLinear, torch.float16")
