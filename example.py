@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import fire
 
@@ -67,17 +67,22 @@ def main(
             dtype=dtype,
         )
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
-    show = print if env_rank() == 0 else lambda *a, **k: None
     if stream:  # one prompt at a time, so each prints as it is written
         for prompt in prompts:
-            show(prompt, end="", flush=True)
+            say(prompt, end="", flush=True)
             for pieces in generator.stream([prompt], **sampling):
-                show(pieces[0], end="", flush=True)
-            show("\n\n==================================\n", flush=True)
+                say(pieces[0], end="", flush=True)
+            say("\n\n==================================\n", flush=True)
         return
     for prompt, result in zip(prompts, generator.text_completion(prompts, **sampling)):
-        show(prompt + result["generation"])
-        show("\n==================================\n", flush=True)
+        say(prompt + result["generation"])
+        say("\n==================================\n", flush=True)
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if env_rank() == 0:
+        print(*args, **kwargs)
 
 
 def collect_prompts(argv: List[str]) -> List[str]:
@@ -103,10 +108,16 @@ def collect_prompts(argv: List[str]) -> List[str]:
 
 
 def run(argv: List[str]) -> int:
+    return run_cli(main, collect_prompts(argv))
+
+
+def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
+    """Run `entry` with fire on the flags in `argv`; a bad input ends every rank with exit status 1
+    and a one-line error from rank 0."""
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
-        fire.Fire(main, command=collect_prompts(argv))
+        fire.Fire(entry, command=argv)
     except (ValueError, TypeError, OSError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
