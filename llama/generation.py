@@ -204,7 +204,8 @@ class _Row:
 
     def add(self, token: int, logprob: Optional[float], stop_ids: Collection[int]) -> None:
         if token in stop_ids:
-            return self._end()
+            self._end()
+            return
         self.tokens.append(token)
         self.logprobs.append(logprob)
         if (self.stream is not None and self.stream.push(token)) or len(self.tokens) >= self.max_new:
@@ -418,8 +419,6 @@ class Llama:
 
         pos = last + 1  # where each row's next token goes
         for step in range(max(r.max_new for r in rows)):
-            if all(r.done for r in rows):
-                return
             check_logits(logits, [not r.done for r in rows], step)
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             token_lp = [None] * B
