@@ -62,7 +62,7 @@ def tiny_tokenizer(path):
     return _TOKENIZERS.setdefault(path, Tokenizer(path / "tokenizer.model"))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # the number of examples comes from the hypothesis profile
 @given(st.lists(st.integers(0, 511), max_size=24), st.lists(st.integers(0, 511), max_size=6))
 def test_any_token_sequence_streams_to_its_decoded_text(tiny_ckpt, tokens, context):
     tok = tiny_tokenizer(tiny_ckpt)
