@@ -2,8 +2,9 @@
 
     python example.py                                   # tiny random-weight demo, no download
     torchrun --nproc_per_node N example.py --ckpt_dir D [--tokenizer_path T] --seed 1 \
-        --prompts "first prompt" "second prompt" --temperature 0.6 --top_p 0.9 \
-        --max_seq_len 128 --max_gen_len 64 --max_batch_size 4 [--device cpu] [--dtype bf16]
+        --prompts "first prompt" "second prompt" --temperature 0.6 --top_p 0.9 [--top_k 40] \
+        --max_seq_len 128 --max_gen_len 64 --max_batch_size 4 [--device cpu] [--dtype bf16] \
+        [--stop "." | --stop '["\n", "THE END"]'] [--stream]
 
 Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1.
 """
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 import fire
 
@@ -35,6 +36,9 @@ def main(
     prompts: Optional[List[str]] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
+    top_k: int = 0,
+    stop: Union[str, List[str], None] = None,
+    stream: bool = False,
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
@@ -62,11 +66,23 @@ def main(
             device=device,
             dtype=dtype,
         )
-    results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
+    if stream:  # one prompt at a time, so each prints as it is written
+        for prompt in prompts:
+            say(prompt, end="", flush=True)
+            for pieces in generator.stream([prompt], **sampling):
+                say(pieces[0], end="", flush=True)
+            say("\n\n==================================\n", flush=True)
+        return
+    for prompt, result in zip(prompts, generator.text_completion(prompts, **sampling)):
+        say(prompt + result["generation"])
+        say("\n==================================\n", flush=True)
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
     if env_rank() == 0:
-        for prompt, result in zip(prompts, results):
-            print(prompt + result["generation"])
-            print("\n==================================\n", flush=True)
+        print(*args, **kwargs)
 
 
 def collect_prompts(argv: List[str]) -> List[str]:
@@ -92,10 +108,16 @@ def collect_prompts(argv: List[str]) -> List[str]:
 
 
 def run(argv: List[str]) -> int:
+    return run_cli(main, collect_prompts(argv))
+
+
+def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
+    """Run `entry` with fire on the flags in `argv`; a bad input ends every rank with exit status 1
+    and a one-line error from rank 0."""
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
-        fire.Fire(main, command=collect_prompts(argv))
+        fire.Fire(entry, command=argv)
     except (ValueError, TypeError, OSError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Pure-PyTorch LLaMA inference with fairscale model parallelism."""
 from llama.checkpoint import CheckpointError
-from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama, Message
+from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama, LogitsError, Message, Score
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "ChatPrediction",
@@ -10,8 +10,12 @@ __all__ = [
     "CompletionPrediction",
     "Dialog",
     "Llama",
+    "Llama3Tokenizer",
+    "LogitsError",
     "Message",
     "ModelArgs",
+    "Score",
     "Transformer",
     "Tokenizer",
+    "load_tokenizer",
 ]

@@ -1,10 +1,13 @@
-"""`Llama`: build a model from a checkpoint, then generate, complete text and chat."""
+"""`Llama`: build a model from a checkpoint, then generate, stream, complete text, chat and score."""
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import time
-from typing import List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from typing import (Collection, FrozenSet, Iterable, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple,
+                    TypedDict, Union)
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +15,11 @@ import torch.nn.functional as F
 from llama.checkpoint import CheckpointError, find_shards, load_params, load_rank_state_dict
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+AnyTokenizer = Union[Tokenizer, Llama3Tokenizer]
 Role = Literal["system", "user", "assistant"]
 
 
@@ -39,10 +43,24 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]
 
 
+class Score(NamedTuple):
+    logprob: float  # summed log-probability of the continuation given the context
+    is_greedy: bool  # every continuation token is the argmax given everything before it
+    n_tokens: int  # continuation tokens scored
+
+
+class LogitsError(ValueError):
+    """The model produced logits no token can be sampled from (NaN, +inf, or all -inf)."""
+
+
 # Llama 2 chat format.
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-_SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+_LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+
+# Tokens of context kept to decode the next piece of a stream: enough for SentencePiece to
+# keep the piece's leading space; the full history is never re-decoded.
+_STREAM_CONTEXT = 16
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -50,11 +68,21 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
+def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
     if not isinstance(temperature, (int, float)) or not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]; use 1.0 to disable nucleus sampling")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0; use 0 to disable top-k sampling")
+
+
+def check_stop(stop: Union[str, Sequence[str], None]) -> List[str]:
+    """`stop` as a list of non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
+    return stops
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -65,6 +93,185 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Ge
     sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
     choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row of (B, vocab) logits: argmax at temperature 0, else top-k, then top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return sample_top_p(torch.softmax(logits, dim=-1), top_p, generator)
+
+
+def check_logits(logits: torch.Tensor, live: Sequence[bool], step: int) -> None:
+    """Refuse to sample from rows whose logits hold NaN or +inf, or nothing above -inf."""
+    bad = logits.isnan().any(-1) | (logits == float("inf")).any(-1) | (logits.amax(-1) == float("-inf"))
+    bad &= torch.tensor(live, device=logits.device)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise LogitsError(f"row {row} at generation step {step}: the model's logits are NaN, +inf or all -inf "
+                          "(overflow in the weights or dtype); try dtype='float32' or 'bf16'")
+
+
+def decode_continuation(tokenizer: AnyTokenizer, context: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text `tokens` add after `context`, keeping the leading space SentencePiece drops when a
+    piece is decoded on its own."""
+    if not context:
+        return tokenizer.decode(tokens)
+    before = tokenizer.decode(context)
+    full = tokenizer.decode(list(context) + list(tokens))
+    return full[len(before):] if full.startswith(before) else tokenizer.decode(tokens)
+
+
+class TextStream:
+    """The text of tokens generated after `context`, built one token at a time and cut before
+    the first stop string.
+
+    Streaming, stop strings and the final text all read it from here, so the streamed pieces add
+    up to the final text exactly. A piece is settled only once it ends in a whole character (a
+    multi-byte character may arrive as several byte tokens), and `pop` holds back any tail that
+    could still grow into a stop string.
+    """
+
+    def __init__(self, tokenizer: AnyTokenizer, context: Sequence[int], stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.context = list(context)[-_STREAM_CONTEXT:]
+        self.pending: List[int] = []  # tokens whose text may still end in half a character
+        self.text = ""  # settled text, cut before a stop string once one appears
+        self.sent = 0  # characters of `text` already handed out by pop()
+        self.stopped = False  # a stop string appeared
+        self.finished = False  # no more tokens will come
+
+    def push(self, token: int) -> bool:
+        """Add a token; True once a stop string has appeared."""
+        self.pending.append(token)
+        piece = decode_continuation(self.tokenizer, self.context, self.pending)
+        if not piece.endswith("\ufffd"):
+            self._settle(piece)
+        return self.stopped
+
+    def finish(self) -> None:
+        """No more tokens: settle the pending ones, even if they end in a broken character."""
+        if self.pending and not self.stopped:
+            self._settle(decode_continuation(self.tokenizer, self.context, self.pending))
+        self.finished = True
+
+    def _settle(self, piece: str) -> None:
+        self.context = (self.context + self.pending)[-_STREAM_CONTEXT:]
+        self.pending = []
+        start = max(0, len(self.text) - self.longest_stop + 1)  # a stop string may straddle old and new text
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def pop(self) -> str:
+        """Text settled since the last pop, up to where no stop string could still begin."""
+        end = len(self.text) if self.stopped or self.finished else len(self.text) - self._stop_prefix()
+        piece = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _stop_prefix(self) -> int:
+        """The length of the longest tail of `text` that begins some stop string."""
+        for k in range(min(len(self.text), self.longest_stop - 1), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stop):
+                return k
+        return 0
+
+
+class _Row:
+    """One prompt's generation: its new tokens (stop tokens excluded) and, when text is wanted,
+    their TextStream."""
+
+    def __init__(self, prompt: Sequence[int], max_new: int, stream: Optional[TextStream]):
+        self.prompt = list(prompt)
+        self.max_new = max_new
+        self.stream = stream
+        self.tokens: List[int] = []
+        self.logprobs: List[float] = []
+        self.prompt_logprobs: List[float] = []  # filled for echo with logprobs
+        self.done = False
+        if max_new == 0:
+            self._end()
+
+    def add(self, token: int, logprob: Optional[float], stop_ids: Collection[int]) -> None:
+        if token in stop_ids:
+            self._end()
+            return
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if (self.stream is not None and self.stream.push(token)) or len(self.tokens) >= self.max_new:
+            self._end()
+
+    def _end(self) -> None:
+        self.done = True
+        if self.stream is not None:
+            self.stream.finish()
+
+
+# Chat formats: the tokenizer's family decides.
+
+def encode_dialog(tokenizer: AnyTokenizer, dialog: Dialog) -> List[int]:
+    """The prompt tokens asking the assistant to answer `dialog`, in the tokenizer's chat format."""
+    if isinstance(tokenizer, Llama3Tokenizer):
+        return _encode_llama3_dialog(tokenizer, dialog)
+    return _encode_llama2_dialog(tokenizer, dialog)
+
+
+def _encode_llama2_dialog(tok: Tokenizer, dialog: Dialog) -> List[int]:
+    """Llama 2: a system message folds into the first user turn; each finished (user, assistant)
+    exchange is wrapped in BOS ... EOS; the last user turn is left open."""
+    _check_dialog(dialog, _LLAMA2_TAGS)
+    if dialog[0]["role"] == "system":
+        first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+        dialog = [first] + list(dialog[2:])
+    tokens: List[int] = []
+    for user, answer in zip(dialog[::2], dialog[1::2]):
+        text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
+        tokens += tok.encode(text, bos=True, eos=True)
+    tokens += tok.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    return tokens
+
+
+def _encode_llama3_dialog(tok: Llama3Tokenizer, dialog: Dialog) -> List[int]:
+    """Llama 3: <|begin_of_text|>, then each message as a role header, its content and <|eot_id|>;
+    an open assistant header ends the prompt."""
+    _check_dialog(dialog, tuple(tok.special_tokens))
+    tokens = [tok.bos_id]
+    for m in dialog:
+        tokens += _llama3_header(tok, m["role"]) + tok.encode(m["content"].strip(), bos=False, eos=False)
+        tokens.append(tok.eot_id)
+    return tokens + _llama3_header(tok, "assistant")
+
+
+def _llama3_header(tok: Llama3Tokenizer, role: str) -> List[int]:
+    role_ids = tok.encode(role, bos=False, eos=False)
+    return [tok.start_header_id] + role_ids + [tok.end_header_id] + tok.encode("\n\n", bos=False, eos=False)
+
+
+def _check_dialog(dialog: Dialog, reserved: Sequence[str]) -> None:
+    if not isinstance(dialog, (list, tuple)) or not dialog:
+        raise ValueError("a dialog must be a non-empty list of {'role', 'content'} messages")
+    for i, m in enumerate(dialog):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise ValueError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}")
+        tag = next((t for t in reserved if t in m["content"]), None)
+        if tag is not None:
+            raise ValueError(f"message {i} contains the reserved chat tag {tag!r}: remove it")
+    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
+    expected = ["user", "assistant"] * len(turns)
+    if not turns or [m["role"] for m in turns] != expected[: len(turns)] or turns[-1]["role"] != "user":
+        raise ValueError("after an optional system message, roles must alternate user/assistant/... "
+                         "and end with the user")
 
 
 class Llama:
@@ -100,7 +307,7 @@ class Llama:
             raise CheckpointError(
                 f"{ckpt_dir} has {len(shards)} shard(s) but {mp_size} model-parallel process(es) were started: "
                 f"run with torchrun --nproc_per_node {len(shards)}, or reshard the checkpoint")
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
         try:
             args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         except (TypeError, ValueError) as e:
@@ -125,7 +332,8 @@ class Llama:
                  time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.tok_embeddings.weight.device
@@ -139,23 +347,95 @@ class Llama:
     def max_batch_size(self) -> int:
         return self.model.cache_shape[0]
 
+    def _check_tokens(self, what: str, tokens: Sequence[int]) -> None:
+        if not isinstance(tokens, (list, tuple)) or not tokens:
+            raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
+        if len(tokens) > self.max_seq_len:
+            raise ValueError(f"{what} has {len(tokens)} tokens, more than max_seq_len={self.max_seq_len}: "
+                             "shorten it or build with a larger max_seq_len")
+        vocab = self.model.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise ValueError(f"{what} holds token ids outside [0, {vocab})")
+
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
         if len(prompt_tokens) > self.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}: "
                              "pass fewer prompts per call or build with a larger max_batch_size")
-        vocab = self.model.vocab_size
         for i, p in enumerate(prompt_tokens):
-            if not isinstance(p, (list, tuple)) or not p:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token (e.g. BOS)")
-            if len(p) > self.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len={self.max_seq_len}: "
-                                 "shorten it or build with a larger max_seq_len")
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
-                raise ValueError(f"prompt {i} holds token ids outside [0, {vocab})")
+            self._check_tokens(f"prompt {i}", p)
+
+    def _start(
+        self,
+        prompt_tokens: List[List[int]],
+        contexts: Iterable[Optional[List[int]]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        stop: Union[str, Sequence[str], None],
+        stop_tokens: Optional[Collection[int]],
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[_Row], Iterator[None]]:
+        """Check every argument, then set up one row per prompt and the (not yet started) decoding
+        loop. A row gets a TextStream decoding after its context, or none where the context is None."""
+        check_sampling(temperature, top_p, top_k)
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
+        self._check_prompts(prompt_tokens)
+        stops = check_stop(stop)
+        extra = list(stop_tokens or [])
+        if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
+            raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
+        rows = [_Row(p, min(max_gen_len, self.max_seq_len - len(p)),
+                     None if ctx is None else TextStream(self.tokenizer, ctx, stops))
+                for p, ctx in zip(prompt_tokens, contexts)]
+        stop_ids = self.tokenizer.stop_ids | frozenset(extra)
+        return rows, self._decode(rows, temperature, top_p, top_k, stop_ids, logprobs, echo)
 
     @torch.inference_mode()
+    def _decode(self, rows: List[_Row], temperature: float, top_p: float, top_k: int, stop_ids: FrozenSet[int],
+                logprobs: bool, echo: bool) -> Iterator[None]:
+        """Prefill every prompt in one forward pass, then decode each row at its own position,
+        adding one token to every unfinished row per step and yielding after each step."""
+        B = len(rows)
+        lens = [len(r.prompt) for r in rows]
+        prompt = torch.zeros((B, max(lens)), dtype=torch.long)  # right-padded; pads are never attended to
+        for i, r in enumerate(rows):
+            prompt[i, : lens[i]] = torch.tensor(r.prompt)
+        prompt = prompt.to(self.device)
+        last = torch.tensor(lens, device=self.device) - 1
+
+        h = self.model.hidden(prompt, 0)  # (B, T, dim)
+        logits = self.model.logits(h[torch.arange(B, device=self.device), last])  # (B, vocab)
+        if logprobs and echo:
+            lp = F.log_softmax(self.model.logits(h[:, :-1]), dim=-1)  # (B, T-1, vocab)
+            prompt_lp = lp.gather(-1, prompt[:, 1:, None]).squeeze(-1).tolist()  # (B, T-1)
+            for i, r in enumerate(rows):
+                r.prompt_logprobs = prompt_lp[i][: lens[i] - 1]
+        del h
+
+        pos = last + 1  # where each row's next token goes
+        for step in range(max(r.max_new for r in rows)):
+            check_logits(logits, [not r.done for r in rows], step)
+            next_token = sample(logits, temperature, top_p, top_k, self.generator)
+            token_lp = [None] * B
+            if logprobs:
+                token_lp = F.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1).tolist()
+            for r, t, lp in zip(rows, next_token.tolist(), token_lp):
+                if not r.done:
+                    r.add(t, lp, stop_ids)
+            yield
+            if all(r.done for r in rows):
+                return
+            # Finished rows keep decoding (into their own cache rows) so the batch stays rectangular.
+            kv_len = min(max(lens) + step + 1, self.max_seq_len)
+            h = self.model.hidden(next_token[:, None], pos.clamp(max=self.max_seq_len - 1), kv_len=kv_len)
+            logits = self.model.logits(h[:, -1])
+            pos = pos + 1
+
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -164,74 +444,39 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_tokens: Optional[Collection[int]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Continue each prompt until EOS or `max_gen_len` new tokens (or the end of max_seq_len).
+        """Continue each prompt until a stop token, a stop string, or `max_gen_len` new tokens (or
+        the end of max_seq_len).
 
         All prompts are prefilled in one forward pass; each row then decodes at its own position.
-        Returns the new tokens per row (the prompt too with `echo`) and, with `logprobs`, each
-        returned token's log-probability (0.0 for the first prompt token, which has no context).
+        Stop tokens are the tokenizer's (EOS; for Llama 3 also <|eot_id|> and <|eom_id|>) plus
+        `stop_tokens`; they are not returned. A row that meets a `stop` string ends with the token
+        that completed it. Returns the new tokens per row (the prompt too with `echo`) and, with
+        `logprobs`, each returned token's log-probability (0.0 for the first prompt token).
         """
-        check_sampling(temperature, top_p)
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
-        self._check_prompts(prompt_tokens)
+        contexts = prompt_tokens if stop else itertools.repeat(None)  # stop strings need the text
+        rows, steps = self._start(prompt_tokens, contexts, max_gen_len, temperature, top_p, top_k, stop,
+                                  stop_tokens, logprobs, echo)
+        for _ in steps:
+            pass
+        tokens = [(r.prompt if echo else []) + r.tokens for r in rows]
+        if not logprobs:
+            return tokens, None
+        return tokens, [([0.0] + r.prompt_logprobs if echo else []) + r.logprobs for r in rows]
 
-        B = len(prompt_tokens)
-        lens = [len(p) for p in prompt_tokens]
-        limits = [min(max_gen_len, self.max_seq_len - n) for n in lens]  # new tokens each row may take
-        prompt = torch.zeros((B, max(lens)), dtype=torch.long)  # right-padded; pads are never attended to
-        for i, p in enumerate(prompt_tokens):
-            prompt[i, : lens[i]] = torch.tensor(p)
-        prompt = prompt.to(self.device)
-        last = torch.tensor(lens, device=self.device) - 1
+    def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of strings")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
-        h = self.model.hidden(prompt, 0)  # (B, T, dim)
-        logits = self.model.logits(h[torch.arange(B, device=self.device), last])  # (B, vocab)
-        prompt_logprobs = None
-        if logprobs and echo:
-            lp = F.log_softmax(self.model.logits(h[:, :-1]), dim=-1)  # (B, T-1, vocab)
-            prompt_logprobs = lp.gather(-1, prompt[:, 1:, None]).squeeze(-1).tolist()
-        del h
-
-        new_tokens, new_logprobs = [], []
-        pos = last + 1  # where each row's next token goes
-        limit = torch.tensor(limits, device=self.device)
-        done = limit == 0
-        eos = self.tokenizer.eos_id
-        for step in range(max(limits)):
-            next_token = self._pick(logits, temperature, top_p)
-            new_tokens.append(next_token)
-            if logprobs:
-                new_logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1))
-            done |= (next_token == eos) | (step + 1 >= limit)
-            if bool(done.all()):
-                break
-            kv_len = min(max(lens) + step + 1, self.max_seq_len)
-            h = self.model.hidden(next_token[:, None], pos.clamp(max=self.max_seq_len - 1), kv_len=kv_len)
-            logits = self.model.logits(h[:, -1])
-            pos = pos + 1
-
-        generated = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in range(B)]
-        gen_lp = torch.stack(new_logprobs, 1).tolist() if new_logprobs else [[] for _ in range(B)]
-        out_tokens, out_logprobs = [], []
-        for i in range(B):
-            toks, lps = generated[i][: limits[i]], gen_lp[i][: limits[i]]
-            if eos in toks:
-                cut = toks.index(eos)
-                toks, lps = toks[:cut], lps[:cut]
-            if echo:
-                toks = list(prompt_tokens[i]) + toks
-                if logprobs:
-                    lps = [0.0] + prompt_logprobs[i][: lens[i] - 1] + lps
-            out_tokens.append(toks)
-            out_logprobs.append(lps)
-        return out_tokens, (out_logprobs if logprobs else None)
-
-    def _pick(self, logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p, self.generator)
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        if not isinstance(dialogs, (list, tuple)):
+            raise TypeError("dialogs must be a list of dialogs (lists of messages)")
+        return [self.encode_dialog(d) for d in dialogs]
 
     def text_completion(
         self,
@@ -241,16 +486,37 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_tokens: Optional[Collection[int]] = None,
     ) -> List[CompletionPrediction]:
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a list of strings")
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        context = [[] if echo else p for p in prompt_tokens]
-        return [self._prediction(c, t, lps[i] if logprobs else None, str)
-                for i, (c, t) in enumerate(zip(context, tokens))]
+        """Complete each prompt; the text ends before the first `stop` string, if any appears."""
+        prompt_tokens = self._encode_prompts(prompts)
+        rows, steps = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
+                                  top_k, stop, stop_tokens, logprobs, echo)
+        for _ in steps:
+            pass
+        return [self._prediction(r, logprobs, echo) for r in rows]
+
+    def stream(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_tokens: Optional[Collection[int]] = None,
+    ) -> Iterator[List[str]]:
+        """`text_completion` as it happens: yields, after each decoding step that adds text, one
+        string per prompt with its new text ('' where none). Each prompt's pieces join up to its
+        `text_completion` generation exactly. Arguments are checked before this returns."""
+        prompt_tokens = self._encode_prompts(prompts)
+        rows, steps = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
+                                  top_k, stop, stop_tokens)
+        return _pieces(rows, steps)
 
     def chat_completion(
         self,
@@ -259,60 +525,136 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        top_k: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_tokens: Optional[Collection[int]] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in Llama 2's `[INST]` chat format."""
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len - 1
-        prompt_tokens = [self.encode_dialog(d) for d in dialogs]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        return [self._prediction([], t, lps[i] if logprobs else None, "assistant") for i, t in enumerate(tokens)]
+        """Answer each dialog as the assistant, in the chat format of the tokenizer in use (Llama 2's
+        `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
+        prompt_tokens = self._encode_dialogs(dialogs)
+        rows, steps = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len),
+                                  temperature, top_p, top_k, stop, stop_tokens, logprobs)
+        for _ in steps:
+            pass
+        return [self._prediction(r, logprobs, False, role="assistant") for r in rows]
 
-    def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
-        """The text `tokens` add after `context`, keeping the leading space SentencePiece drops
-        when a piece is decoded on its own."""
-        if not context:
-            return self.tokenizer.decode(tokens)
-        before = self.tokenizer.decode(context)
-        full = self.tokenizer.decode(list(context) + list(tokens))
-        return full[len(before):] if full.startswith(before) else self.tokenizer.decode(tokens)
+    def stream_chat(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        stop_tokens: Optional[Collection[int]] = None,
+    ) -> Iterator[List[str]]:
+        """`chat_completion` as it happens, yielding like `stream`."""
+        prompt_tokens = self._encode_dialogs(dialogs)
+        rows, steps = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len),
+                                  temperature, top_p, top_k, stop, stop_tokens)
+        return _pieces(rows, steps)
 
-    def _prediction(self, context: List[int], tokens: List[int], logprobs: Optional[List[float]], role) -> dict:
-        text = self.decode_continuation(context, tokens)
-        out = {"generation": text if role is str else {"role": role, "content": text}}
-        if logprobs is not None:
+    def _gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _prediction(self, row: _Row, logprobs: bool, echo: bool, role: Optional[str] = None) -> dict:
+        text = row.stream.text
+        if echo:
+            text = self.tokenizer.decode(row.prompt) + text
+        out = {"generation": text if role is None else {"role": role, "content": text}}
+        if logprobs:
+            tokens = (row.prompt if echo else []) + row.tokens
             out["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            out["logprobs"] = logprobs
+            out["logprobs"] = ([0.0] + row.prompt_logprobs if echo else []) + row.logprobs
         return out
 
+    def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
+        """The text `tokens` add after `context` (see the module function)."""
+        return decode_continuation(self.tokenizer, context, tokens)
+
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """Llama 2 chat tokens: a system message folds into the first user turn; each finished
-        (user, assistant) exchange is wrapped in BOS ... EOS; the last user turn is left open."""
-        _check_dialog(dialog)
-        if dialog[0]["role"] == "system":
-            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-            dialog = [first] + list(dialog[2:])
-        tokens: List[int] = []
-        for user, answer in zip(dialog[::2], dialog[1::2]):
-            text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-            tokens += self.tokenizer.encode(text, bos=True, eos=True)
-        tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-        return tokens
+        """The chat prompt tokens for `dialog` in the format of this model's tokenizer."""
+        return encode_dialog(self.tokenizer, dialog)
+
+    @torch.inference_mode()
+    def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> List[Score]:
+        """For each (context, continuation) pair of token lists: the continuation's summed
+        log-probability given the context, and whether greedy decoding would produce it.
+
+        One forward pass per `max_batch_size` pairs. Under model parallelism every rank holds the
+        same gathered logits, so every rank returns the same scores.
+        """
+        if not isinstance(pairs, (list, tuple)) or not pairs:
+            raise ValueError("pairs must be a non-empty list of (context, continuation) token lists")
+        seqs, starts = [], []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"pair {i} must be a (context, continuation) tuple")
+            context, continuation = list(pair[0]), list(pair[1])
+            if not context or not continuation:
+                raise ValueError(f"pair {i} has an empty context or continuation: the context needs at least "
+                                 "BOS and the continuation at least one token")
+            self._check_tokens(f"pair {i} (context + continuation)", context + continuation)
+            seqs.append(context + continuation)
+            starts.append(len(context))
+        scores: List[Score] = []
+        for b in range(0, len(seqs), self.max_batch_size):
+            scores += self._score_batch(seqs[b : b + self.max_batch_size], starts[b : b + self.max_batch_size])
+        return scores
+
+    def _score_batch(self, seqs: List[List[int]], starts: List[int]) -> List[Score]:
+        B, T = len(seqs), max(len(s) for s in seqs)
+        tokens = torch.zeros((B, T), dtype=torch.long)  # right-padded; causal attention never sees the pads
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s)
+        tokens = tokens.to(self.device)
+        h = self.model.hidden(tokens, 0)  # (B, T, dim)
+        # Position t predicts token t + 1: gather the predicting positions of every continuation.
+        rows = torch.cat([torch.full((len(s) - n,), i) for i, (s, n) in enumerate(zip(seqs, starts))])
+        cols = torch.cat([torch.arange(n - 1, len(s) - 1) for s, n in zip(seqs, starts)])
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        targets = tokens[rows, cols + 1]  # (N,)
+        logprobs, greedy = [], []
+        for hs, tg in zip(h[rows, cols].split(1024), targets.split(1024)):  # bounds the (n, vocab) logits
+            logits = self.model.logits(hs)  # (n, vocab)
+            logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, tg[:, None]).squeeze(-1))
+            greedy.append(logits.argmax(-1) == tg)
+        sizes = [len(s) - n for s, n in zip(seqs, starts)]
+        lp_rows = torch.cat(logprobs).double().split(sizes)
+        greedy_rows = torch.cat(greedy).split(sizes)
+        return [Score(float(lp.sum()), bool(g.all()), n) for lp, g, n in zip(lp_rows, greedy_rows, sizes)]
+
+    def score(self, pairs: Sequence[Tuple[str, str]]) -> List[Score]:
+        """`score_tokens` for (context, continuation) strings, as evaluation harnesses compute
+        loglikelihood: the continuation's tokens are those of `context + continuation` after the
+        tokens it shares with `context` alone (BOS first)."""
+        if not isinstance(pairs, (list, tuple)):
+            raise TypeError("pairs must be a list of (context, continuation) strings")
+        token_pairs = []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ValueError(f"pair {i} must be a (context, continuation) tuple of strings")
+            whole = self.tokenizer.encode(pair[0] + pair[1], bos=True, eos=False)
+            head = self.tokenizer.encode(pair[0], bos=True, eos=False)
+            n = next((k for k, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
+            token_pairs.append((whole[:n], whole[n:]))
+        return self.score_tokens(token_pairs)
+
+    def perplexity(self, texts: Sequence[str]) -> List[float]:
+        """Per-text perplexity: exp of the mean negative log-probability of its tokens after BOS."""
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError("texts must be a list of strings")
+        pairs = [([self.tokenizer.bos_id], self.tokenizer.encode(t, bos=False, eos=False)) for t in texts]
+        return [math.exp(-s.logprob / s.n_tokens) for s in self.score_tokens(pairs)]
 
 
-def _check_dialog(dialog: Dialog) -> None:
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError("a dialog must be a non-empty list of {'role', 'content'} messages")
-    for i, m in enumerate(dialog):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise ValueError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}")
-        if any(tag in m["content"] for tag in _SPECIAL_TAGS):
-            raise ValueError(f"message {i} contains a reserved chat tag ({', '.join(_SPECIAL_TAGS)}): remove it")
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    expected = ["user", "assistant"] * len(turns)
-    if not turns or [m["role"] for m in turns] != expected[: len(turns)] or turns[-1]["role"] != "user":
-        raise ValueError("after an optional system message, roles must alternate user/assistant/... "
-                         "and end with the user")
+def _pieces(rows: List[_Row], steps: Iterator[None]) -> Iterator[List[str]]:
+    for _ in steps:
+        pieces = [r.stream.pop() for r in rows]
+        if any(pieces):
+            yield pieces
 
 
 def _load_weights(model: Transformer, state: dict, path) -> None:

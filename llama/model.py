@@ -33,6 +33,12 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1 RoPE frequency scaling; the defaults are the published Llama 3.1 constants.
+    use_scaled_rope: bool = False
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
@@ -68,6 +74,15 @@ class ModelArgs:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: fix dim or n_heads")
 
     @property
+    def rope_scaling(self) -> Optional[dict]:
+        """Keyword arguments of `scale_rope_freqs`, or None without Llama 3.1 scaling."""
+        if not self.use_scaled_rope:
+            return None
+        return dict(factor=self.rope_scale_factor, low_freq_factor=self.rope_low_freq_factor,
+                    high_freq_factor=self.rope_high_freq_factor,
+                    original_max_seq_len=self.rope_original_max_seq_len)
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
@@ -98,12 +113,27 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                     original_max_seq_len: int) -> torch.Tensor:
+    """Llama 3.1 long-context scaling: slow rotations (wavelength beyond the original context /
+    low_freq_factor) are divided by `factor`, fast ones (below context / high_freq_factor) kept,
+    and the band between blends the two linearly in context / wavelength."""
+    wavelen = 2 * torch.pi / freqs
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)  # 0: long wavelength, fully scaled; 1: short, untouched
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
+                         scaling: Optional[dict] = None) -> torch.Tensor:
     """RoPE rotations as (cos, sin) pairs: shape (end, head_dim // 2, 2), float32.
 
     Stored as real numbers, not complex, so the table survives dtype casts and torch.compile.
+    `scaling` holds the keyword arguments of `scale_rope_freqs` (ModelArgs.rope_scaling).
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        freqs = scale_rope_freqs(freqs, **scaling)
     angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, head_dim/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -225,7 +255,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
-        freqs = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta)
+        freqs = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta, params.rope_scaling)
         self.register_buffer("freqs_cis", freqs, persistent=False)
 
     def setup_cache(

@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -42,17 +43,17 @@ def subprocess_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run `python -m torch.distributed.run --nproc_per_node nproc ARGS...` from the repo root."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
     env = subprocess_env(OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=input)
 
 
-def run_python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_python(*args: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, input=input)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.generation import B_INST, B_SYS, E_INST, E_SYS
+from llama.generation import B_INST, B_SYS, E_INST, E_SYS, LogitsError, sample
 
 PROMPTS = ["The cat sat on the", "A", "Then the brave little girl ran into the dark forest and", "One two"]
 
@@ -86,9 +88,14 @@ def test_top_p_near_zero_is_greedy(tiny_llama):
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(max_gen_len=-1), "max_gen_len=-1"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(top_k=1.5), "top_k=1.5"),
+    (dict(stop=""), "stop=''"),
+    (dict(stop=["a", 3]), "stop=['a', 3]"),
+    (dict(stop_tokens=[99999]), "stop_tokens=[99999]"),
 ])
 def test_bad_sampling_arguments_are_refused(tiny_llama, kwargs, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         tiny_llama.text_completion(["Once"], **kwargs)
 
 
@@ -124,9 +131,95 @@ def test_llama2_chat_format(tiny_llama):
     ([{"role": "assistant", "content": "hi"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "end with the user"),
-    ([{"role": "user", "content": "say [INST] now"}], "reserved chat tag"),
+    ([{"role": "user", "content": "say [INST] now"}], "reserved chat tag '\\[INST\\]'"),
     ([{"role": "robot", "content": "a"}], "role"),
 ])
 def test_bad_dialogs_are_refused(tiny_llama, dialog, message):
     with pytest.raises(ValueError, match=message):
         tiny_llama.chat_completion([dialog])
+
+
+def test_padded_rows_leave_the_same_kv_cache_as_a_solo_run(tiny_llama):
+    """Batched prefill writes pads past each short prompt; decoding must overwrite them, so every
+    position a row used holds exactly what a solo run of that prompt leaves there."""
+    prompts = [tiny_llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    batch, _ = tiny_llama.generate(prompts, max_gen_len=6, temperature=0)
+    layers = tiny_llama.model.layers
+    cached = [[(l.attention.cache_k[i].clone(), l.attention.cache_v[i].clone()) for l in layers]
+              for i in range(len(prompts))]
+    for i, prompt in enumerate(prompts):
+        alone, _ = tiny_llama.generate([prompt], max_gen_len=6, temperature=0)
+        assert alone[0] == batch[i]
+        used = len(prompt) + len(alone[0]) - 1  # the last new token is never fed back
+        for layer, (k, v) in zip(layers, cached[i]):
+            torch.testing.assert_close(k[:, :used], layer.attention.cache_k[0, :, :used], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:, :used], layer.attention.cache_v[0, :, :used], atol=1e-5, rtol=1e-5)
+
+
+def _token_texts(g, prompt_ids, tokens):
+    """The text each generated token adds, in order."""
+    return [g.decode_continuation(prompt_ids + tokens[:k], [t]) for k, t in enumerate(tokens)]
+
+
+def test_stop_string_straddling_tokens_cuts_the_text(tiny_llama):
+    prompt = "The cat sat on the"
+    ids = tiny_llama.tokenizer.encode(prompt, bos=True, eos=False)
+    free = tiny_llama.text_completion([prompt], temperature=0, max_gen_len=20)[0]["generation"]
+    tokens, _ = tiny_llama.generate([ids], max_gen_len=20, temperature=0)
+    texts = _token_texts(tiny_llama, ids, tokens[0])
+    k = next(k for k in range(3, 19) if len(texts[k]) >= 2 and len(texts[k + 1]) >= 2)
+    stop = texts[k][-2:] + texts[k + 1][:2]  # ends inside token k+1, starts inside token k
+    expected = free[: free.index(stop)]
+    assert stop not in expected and expected
+
+    out = tiny_llama.text_completion([prompt, prompt], temperature=0, max_gen_len=20, stop=["zzz", stop])
+    assert [o["generation"] for o in out] == [expected, expected]
+    cut, _ = tiny_llama.generate([ids], max_gen_len=20, temperature=0, stop=stop)
+    n = len(cut[0])  # generation ends with the token that completed the stop string
+    assert cut[0] == tokens[0][:n] and stop in "".join(texts[:n]) and stop not in "".join(texts[: n - 1])
+    streamed = "".join(p[0] for p in tiny_llama.stream([prompt], temperature=0, max_gen_len=20, stop=stop))
+    assert streamed == expected
+
+
+def test_earliest_stop_string_wins_per_row(tiny_llama):
+    free = tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=16)
+    stops = [free[0]["generation"][6:9], free[2]["generation"][3:5]]
+    batch = tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=16, stop=stops)
+    for f, b in zip(free, batch):
+        text = f["generation"]
+        cut = min([text.index(s) for s in stops if s in text], default=len(text))
+        assert b["generation"] == text[:cut]
+    assert batch[0]["generation"] == free[0]["generation"][:6]
+
+
+def test_extra_stop_tokens_end_their_row(tiny_llama):
+    prompt = tiny_llama.tokenizer.encode("The cat", bos=True, eos=False)
+    free, _ = tiny_llama.generate([prompt, [1]], max_gen_len=10, temperature=0)
+    stop = free[0][5]
+    cut, lps = tiny_llama.generate([prompt, [1]], max_gen_len=10, temperature=0, stop_tokens=[stop], logprobs=True)
+    for f, c, lp in zip(free, cut, lps):
+        assert c == (f[: f.index(stop)] if stop in f else f) and len(lp) == len(c)
+
+
+def test_top_k(tiny_llama):
+    greedy = tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=10)
+    assert tiny_llama.text_completion(PROMPTS, temperature=1.5, top_p=1.0, top_k=1, max_gen_len=10) == greedy
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    top5 = logits.topk(5, dim=-1).indices
+    gen = torch.Generator().manual_seed(1)
+    picks = torch.stack([sample(logits, 2.0, 1.0, 5, gen) for _ in range(300)], 1)  # (3, 300)
+    assert all(set(picks[i].tolist()) == set(top5[i].tolist()) for i in range(3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), float("inf")])
+def test_unusable_logits_raise(tiny_llama, monkeypatch, bad):
+    logits_of = tiny_llama.model.logits
+
+    def broken(h):
+        out = logits_of(h)
+        out[-1] = bad  # the last row: prompt 1
+        return out
+
+    monkeypatch.setattr(tiny_llama.model, "logits", broken)
+    with pytest.raises(LogitsError, match="row 1 at generation step 0: the model's logits are NaN, \\+inf or all -inf"):
+        tiny_llama.generate([[1, 5], [1, 7, 9]], max_gen_len=4, temperature=0)

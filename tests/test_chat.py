@@ -1,0 +1,77 @@
+"""chat.py driven through piped stdin, on one process and on two."""
+import pytest
+
+from chat import fit_dialog
+from conftest import run_python, torchrun
+from llama import Llama
+
+ARGS = ["--temperature", "0", "--max_gen_len", "10", "--max_seq_len", "128", "--system", "Be brief."]
+
+
+def expected_transcript(g, lines, system="Be brief.", max_gen_len=10):
+    """What chat.py should print for `lines`, from chat_completion on the growing dialog."""
+    out, history = [], []
+    for line in lines:
+        history.append({"role": "user", "content": line})
+        dialog = [{"role": "system", "content": system}] + history
+        answer = g.chat_completion([dialog], temperature=0, max_gen_len=max_gen_len)[0]["generation"]["content"]
+        history.append({"role": "assistant", "content": answer})
+        out.append(f"> {line}\n{answer}\n")
+    return "".join(out) + "> \n"
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tiny_ckpt):
+    return Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def two_turns(chat_llama):
+    lines = ["Hello there, who are you?", "Tell me a story 🦙"]
+    return lines, expected_transcript(chat_llama, lines)
+
+
+def test_two_turn_session(tiny_ckpt, two_turns):
+    lines, expected = two_turns
+    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), *ARGS, input="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected
+
+
+def test_two_turn_session_on_two_processes(tiny_ckpt2, two_turns):
+    lines, expected = two_turns
+    proc = torchrun(2, "chat.py", "--ckpt_dir", str(tiny_ckpt2), *ARGS, input="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == expected  # rank 0 alone prints, rank 1 followed the broadcast lines
+
+
+def test_reset_and_exit(tiny_ckpt, chat_llama):
+    stdin = "Hello\n/reset\nHello\n/exit\nnever read\n"
+    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), *ARGS, input=stdin)
+    assert proc.returncode == 0, proc.stderr
+    first = expected_transcript(chat_llama, ["Hello"]).removesuffix("> \n")
+    assert proc.stdout == first + "> /reset\n(history cleared)\n" + first + "> /exit\n"
+
+
+def test_long_history_drops_the_oldest_exchanges(tiny_ckpt):
+    lines = [f"Message {i}: the happy dog ran to the park with a red ball" for i in range(8)]
+    lines.insert(4, "word " * 200)  # longer than max_seq_len: refused, session goes on
+    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), "--temperature", "0", "--max_gen_len", "10",
+                      "--max_seq_len", "64", input="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("(not sent: the message does not fit in max_seq_len=64") == 1
+    assert proc.stdout.count("> Message") == 8
+
+
+def test_fit_dialog_keeps_the_longest_recent_history(tiny_llama):
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} about cats"},
+                    {"role": "assistant", "content": f"answer {i} about dogs"}]
+    history.append({"role": "user", "content": "last"})
+    full = list(history)
+    dialog = fit_dialog(tiny_llama, "sys", history, max_gen_len=10)
+    assert dialog[0] == {"role": "system", "content": "sys"} and dialog[1:] == history == full[-len(history):]
+    assert len(tiny_llama.encode_dialog(dialog)) + 10 <= 64 < len(tiny_llama.encode_dialog(
+        dialog[:1] + full[-len(history) - 2:])) + 10
+    assert fit_dialog(tiny_llama, None, [{"role": "user", "content": "word " * 100}], 10) is None

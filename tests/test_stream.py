@@ -1,0 +1,120 @@
+"""Streaming: pieces join up to the final text exactly, never splitting a character."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llama.generation
+from conftest import ASSETS, run_python, torchrun
+from llama.generation import TextStream, decode_continuation
+from llama.tokenizer import Tokenizer, load_tokenizer
+from test_tokenizer import write_tiny_tiktoken
+
+# emoji and rare CJK go through byte-fallback pieces in SentencePiece and split bytes in tiktoken
+TEXTS = ["Once upon a time 🦙 there was", " 世界 and 鼹鼠 met 🐿️🦙!", "naïve café ∑ 😀😀 end", "  two  spaces"]
+
+
+def stream_tokens(tokenizer, context, tokens, stop=()):
+    s = TextStream(tokenizer, context, stop)
+    pieces = []
+    for t in tokens:
+        stopped = s.push(t)
+        pieces.append(s.pop())
+        if stopped:
+            break
+    s.finish()
+    pieces.append(s.pop())
+    return pieces, s.text
+
+
+def tokenizers(tiny_ckpt, tmp_path):
+    yield Tokenizer(tiny_ckpt / "tokenizer.model")
+    yield load_tokenizer(write_tiny_tiktoken(tmp_path / "tiktoken.model"))
+    for name in ["llama_tokenizer.model", "tok512.model", "llama3_tokenizer.model"]:
+        if (ASSETS / name).is_file():  # the real tokenizers too, where present
+            yield load_tokenizer(ASSETS / name)
+
+
+def test_pieces_are_whole_characters_and_join_to_the_text(tiny_ckpt, tmp_path):
+    for tok in tokenizers(tiny_ckpt, tmp_path):
+        for prefix in ["", "Hello", "雪 🦙"]:
+            context = tok.encode(prefix, bos=True, eos=False)
+            for text in TEXTS:
+                tokens = tok.encode(prefix + text, bos=True, eos=False)[len(context):]
+                if tok.encode(prefix + text, bos=True, eos=False)[: len(context)] != context:
+                    continue  # the tokenizer merged across the boundary
+                pieces, final = stream_tokens(tok, context, tokens)
+                assert "".join(pieces) == final == decode_continuation(tok, context, tokens)
+                assert not any("\ufffd" in p for p in pieces), (type(tok).__name__, pieces)
+                assert sum(1 for p in pieces if p) > 3  # released as it goes, not all at the end
+
+
+def test_streamed_text_holds_back_a_possible_stop_string(tiny_ckpt):
+    tok = Tokenizer(tiny_ckpt / "tokenizer.model")
+    tokens = tok.encode("the cat ran. the cat sat. the dog", bos=False, eos=False)
+    pieces, final = stream_tokens(tok, [tok.bos_id], tokens, stop=["cat sat", "dog"])
+    assert final == "".join(pieces) == "the cat ran. the "
+    assert not any("cat s" in p for p in pieces)
+
+
+_TOKENIZERS = {}
+
+
+def tiny_tokenizer(path):
+    return _TOKENIZERS.setdefault(path, Tokenizer(path / "tokenizer.model"))
+
+
+@settings(deadline=None)  # the number of examples comes from the hypothesis profile
+@given(st.lists(st.integers(0, 511), max_size=24), st.lists(st.integers(0, 511), max_size=6))
+def test_any_token_sequence_streams_to_its_decoded_text(tiny_ckpt, tokens, context):
+    tok = tiny_tokenizer(tiny_ckpt)
+    pieces, final = stream_tokens(tok, [tok.bos_id] + context, tokens)
+    assert "".join(pieces) == final == decode_continuation(tok, [tok.bos_id] + context, tokens)
+
+
+def test_stream_equals_text_completion(tiny_llama):
+    prompts = ["Once upon a time 🦙", "世界 and", "naïve café", "A"]
+    kwargs = dict(temperature=0.9, top_p=0.95, max_gen_len=24)
+    tiny_llama.generator.manual_seed(5)
+    final = tiny_llama.text_completion(prompts, **kwargs)
+    tiny_llama.generator.manual_seed(5)
+    joined = [""] * len(prompts)
+    for pieces in tiny_llama.stream(prompts, **kwargs):
+        joined = [j + p for j, p in zip(joined, pieces)]
+    assert joined == [f["generation"] for f in final]
+    tiny_llama.generator.manual_seed(5)
+    tokens, _ = tiny_llama.generate([tiny_llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts], **kwargs)
+    for p, t, j in zip(prompts, tokens, joined):
+        assert j == tiny_llama.decode_continuation(tiny_llama.tokenizer.encode(p, bos=True, eos=False), t)
+
+
+def test_generated_emoji_and_cjk_stream_whole(tiny_llama, monkeypatch):
+    """Force the sampler to emit the tokens of a text with byte-fallback pieces."""
+    tok = tiny_llama.tokenizer
+    text = " 🦙 世界 鼹 😀 done"
+    script = iter(tok.encode("Hi" + text, bos=False, eos=False)[len(tok.encode("Hi", bos=False, eos=False)):])
+    monkeypatch.setattr(llama.generation, "sample", lambda logits, *a: logits.new_full(
+        logits.shape[:1], next(script, tok.eos_id), dtype=llama.generation.torch.long))
+    pieces = [p[0] for p in tiny_llama.stream(["Hi"], temperature=0, max_gen_len=40)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert "🦙" in pieces or any(p.endswith("🦙") for p in pieces)
+
+
+def test_stream_checks_arguments_before_returning(tiny_llama):
+    with pytest.raises(ValueError, match="temperature=-1"):
+        tiny_llama.stream(["a"], temperature=-1)
+
+
+def test_example_py_stream_prints_the_same_text(tiny_ckpt):
+    args = ["example.py", "--ckpt_dir", str(tiny_ckpt), "--prompts", "Once 🦙", "The cat", "--temperature", "0",
+            "--max_gen_len", "12"]
+    plain = run_python(*args)
+    streamed = run_python(*args, "--stream")
+    assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
+    assert streamed.stdout == plain.stdout and plain.stdout.startswith("Once 🦙")
+
+
+def test_example_py_stream_on_two_processes(tiny_ckpt, tiny_ckpt2):
+    args = ["--prompts", "The cat", "A", "--temperature", "0", "--max_gen_len", "8", "--stop", "e"]
+    one = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), *args)
+    two = torchrun(2, "example.py", "--ckpt_dir", str(tiny_ckpt2), *args, "--stream")
+    assert one.returncode == two.returncode == 0, one.stderr + two.stderr[-3000:]
+    assert two.stdout == one.stdout  # printed once, by rank 0
