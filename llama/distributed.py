@@ -117,3 +117,17 @@ def on_every_rank(step: Callable[[], T]) -> T:
 
     cls = CheckpointError if kind == "CheckpointError" else _MIRRORED.get(kind, RankError)
     raise cls(f"rank {rank}: {message}" if cls is not RankError else f"rank {rank}: {kind}: {message}")
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device`: free CUDA memory, or MemAvailable on Linux CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

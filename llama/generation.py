@@ -100,7 +100,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
     """One token per row of (B, vocab) logits: argmax at temperature 0, else top-k, then top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shift the max to 0 first: then even a temperature so small that 1/temperature overflows
+    # gives -inf for the other tokens and 0 for the top one, never inf - inf = NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

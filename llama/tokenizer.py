@@ -21,6 +21,21 @@ def _check_file(path: Path) -> None:
                                 "pointing at the checkpoint's tokenizer.model")
 
 
+def _checked_text(s: str) -> str:
+    if not isinstance(s, str):
+        raise TypeError(f"encode expects a str, got {type(s).__name__}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt text holds a lone surrogate {s[e.start]!r} at index {e.start}, which is not "
+                         "valid Unicode: decode the source text with errors='replace' first") from None
+    return s
+
+
+def _frame(tok, ids: List[int], bos: bool, eos: bool) -> List[int]:
+    return ([tok.bos_id] if bos else []) + ids + ([tok.eos_id] if eos else [])
+
+
 class Tokenizer:
     """SentencePiece (LLaMA 1 and 2)."""
 
@@ -44,14 +59,7 @@ class Tokenizer:
         return frozenset({self.eos_id})
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects a str, got {type(s).__name__}")
-        ids = self.sp.encode(s)
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        return _frame(self, self.sp.encode(_checked_text(s)), bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
@@ -124,14 +132,8 @@ class Llama3Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Special-token text in `s` is encoded as ordinary text, never as the special token."""
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects a str, got {type(s).__name__}")
-        ids = self.model.encode(s, allowed_special=set(), disallowed_special=())
-        if bos:
-            ids = [self.bos_id] + ids
-        if eos:
-            ids = ids + [self.eos_id]
-        return ids
+        ids = self.model.encode(_checked_text(s), allowed_special=set(), disallowed_special=())
+        return _frame(self, ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
         # A multi-byte character cut between tokens decodes to U+FFFD until its last byte arrives.

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import settings
 
-
 from llama import Llama, ModelArgs, Transformer
 from llama.distributed import setup_model_parallel
 from llama.tiny import TINY_PARAMS, make_tiny_checkpoint, random_state_dict
