@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from llama.checkpoint import CheckpointError, find_shards, load_params, load_rank_state_dict
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
 from llama.model import ModelArgs, Transformer
+from llama.numerics import NonFiniteError, locate_nonfinite
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Score(NamedTuple):
     n_tokens: int  # continuation tokens scored
 
 
-class LogitsError(ValueError):
+class LogitsError(NonFiniteError):
     """The model produced logits no token can be sampled from (NaN, +inf, or all -inf)."""
 
 
@@ -410,6 +411,7 @@ class Llama:
         prompt = prompt.to(self.device)
         last = torch.tensor(lens, device=self.device) - 1
 
+        last_input: tuple = (prompt, 0)  # what produced `logits`, to re-run if they turn out non-finite
         h = self.model.hidden(prompt, 0)  # (B, T, dim)
         logits = self.model.logits(h[torch.arange(B, device=self.device), last])  # (B, vocab)
         if logprobs and echo:
@@ -421,7 +423,11 @@ class Llama:
 
         pos = last + 1  # where each row's next token goes
         for step in range(max(r.max_new for r in rows)):
-            check_logits(logits, [not r.done for r in rows], step)
+            try:
+                check_logits(logits, [not r.done for r in rows], step)
+            except LogitsError as e:
+                where = locate_nonfinite(self.model, *last_input)
+                raise LogitsError(f"{e}. First non-finite output: {where or 'none in a module'}") from None
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             token_lp = [None] * B
             if logprobs:
@@ -434,7 +440,8 @@ class Llama:
                 return
             # Finished rows keep decoding (into their own cache rows) so the batch stays rectangular.
             kv_len = min(max(lens) + step + 1, self.max_seq_len)
-            h = self.model.hidden(next_token[:, None], pos.clamp(max=self.max_seq_len - 1), kv_len=kv_len)
+            last_input = (next_token[:, None], pos.clamp(max=self.max_seq_len - 1))
+            h = self.model.hidden(*last_input, kv_len=kv_len)
             logits = self.model.logits(h[:, -1])
             pos = pos + 1
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(ValueError):
     """A weight or activation holds NaN or inf."""
 
 

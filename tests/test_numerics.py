@@ -1,7 +1,9 @@
 """NaN/inf in weights or activations are found and named."""
+import pytest
 import torch
 
 from conftest import random_model
+from llama import Llama, LogitsError
 from llama.numerics import locate_nonfinite, nonfinite_tensors
 
 
@@ -22,3 +24,13 @@ def test_locate_names_the_first_module_that_overflows_in_float16():
     poisoned["layers.1.feed_forward.w3.weight"] *= 1e5  # past float16's 65504
     model.load_state_dict(poisoned)
     assert locate_nonfinite(model, tokens).startswith("layers.1.feed_forward.w3 (ColumnParallelLinear, torch.float16")
+
+
+def test_float16_overflow_during_generation_names_the_layer(tiny_ckpt):
+    g = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
+                    dtype="float16")
+    w3 = g.model.layers[1].feed_forward.w3.weight
+    with torch.no_grad():
+        w3.mul_(1e5)  # past float16's 65504
+    with pytest.raises(LogitsError, match=r"First non-finite output: layers\.1\.feed_forward\.w3 "):
+        g.text_completion(["The cat"], temperature=0, max_gen_len=4)
