@@ -172,6 +172,11 @@ def region(shape: Sequence[int], dim: Optional[int], part: int, n_parts: int) ->
             for d, size in enumerate(shape)]
 
 
+def extent(r: Region) -> List[int]:
+    """The shape of the piece covering region `r`."""
+    return [hi - lo for lo, hi in r]
+
+
 def overlap(have: Region, want: Region) -> Optional[Tuple[tuple, tuple]]:
     """Index tuples into a piece covering `have` and one covering `want` for what both hold; None if disjoint."""
     both = [(max(h0, w0), min(h1, w1)) for (h0, h1), (w0, w1) in zip(have, want)]
@@ -237,7 +242,7 @@ def assemble(want: Region, parts: Iterable[Tuple[Region, object]], dtype: Option
             continue
         piece = source[both[0]]
         if out is None:
-            out = torch.empty([hi - lo for lo, hi in want], dtype=dtype or piece.dtype, device=device)
+            out = torch.empty(extent(want), dtype=dtype or piece.dtype, device=device)
         out[both[1]].copy_(piece)
     return out
 
@@ -260,8 +265,8 @@ class MetaCheckpoint:
         self.shards = [self._load(path) for path in self.files]
         self.embedding_dim, vocab_size = self._embedding_split()
         params = dict(self.params)
-        if params.get("vocab_size", -1) <= 0:  # Llama 1's params.json says -1
-            params["vocab_size"] = vocab_size
+        if isinstance(params.get("vocab_size", -1), int) and params.get("vocab_size", -1) <= 0:
+            params["vocab_size"] = vocab_size  # Llama 1's params.json says -1
         self.args = model_args(params, folder / "params.json")
         check_world(self.args, world_size, folder)
         self._check_shapes()
@@ -289,7 +294,7 @@ class MetaCheckpoint:
             check_names(sd, shapes, path, "the checkpoint is not a LLaMA checkpoint of this params.json")
             for name, shape in shapes.items():
                 dim = self.embedding_dim if name == "tok_embeddings.weight" else shard_dim(name)
-                expected = tuple(hi - lo for lo, hi in region(shape, dim, i, n))
+                expected = tuple(extent(region(shape, dim, i, n)))
                 if tuple(sd[name].shape) != expected:
                     raise CheckpointError(
                         f"{path}: {name} has shape {tuple(sd[name].shape)} but params.json and {n} shard(s) "
@@ -319,8 +324,8 @@ class MetaCheckpoint:
 
         needed = sorted({i for name in shapes if dims(name)[0] is not None for i in range(n)
                          if overlap(held(name, i), wanted(name))})
-        total = sum(torch.Size([hi - lo for lo, hi in wanted(name)]).numel() for name in shapes)
-        progress = Progress(f"rank {rank}/{world_size}: {len(needed)} of {n} shard(s) of {self.path}", total,
+        total = sum(torch.Size(extent(wanted(name))).numel() for name in shapes)
+        progress = Progress(f"rank {rank} of {world_size}: {len(needed)} of {n} shard(s) of {self.path}", total,
                             log_progress)
         for name in shapes:
             # Replicated tensors are the same in every shard: read one copy.

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

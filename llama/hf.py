@@ -17,8 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama.checkpoint import (CheckpointError, Progress, assemble, atomic_folder, check_names, check_world,
-                              ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute, model_args, read_json,
-                              region, shard_dim)
+                              extent, ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute, model_args,
+                              read_json, region, shard_dim)
 from llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -137,8 +137,8 @@ class HFCheckpoint:
             return region(shapes[name], embedding_dim if name == "tok_embeddings.weight" else shard_dim(name),
                           rank, world_size)
 
-        total = sum(torch.Size([hi - lo for lo, hi in wanted(name)]).numel() for name in shapes)
-        progress = Progress(f"rank {rank}/{world_size}: {len(self.files)} file(s) of {self.path}", total,
+        total = sum(torch.Size(extent(wanted(name))).numel() for name in shapes)
+        progress = Progress(f"rank {rank} of {world_size}: {len(self.files)} file(s) of {self.path}", total,
                             log_progress)
         for name in shapes:
             source = self.sources[name]

@@ -80,9 +80,10 @@ def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_pa
 
 def test_stories260k_on_two_processes_reproduces_one(stories_ckpt):
     g = Llama.build(str(stories_ckpt), max_seq_len=256, max_batch_size=1, model_parallel_size=1)
-    alone = "Once upon a time," + g.text_completion(["Once upon a time,"], temperature=0, max_gen_len=40)[0]["generation"]
+    prompt = "Once upon a time,"
+    alone = prompt + g.text_completion([prompt], temperature=0, max_gen_len=40)[0]["generation"]
     assert alone.startswith(PUBLISHED)
-    proc = torchrun(2, "example.py", "--ckpt_dir", str(stories_ckpt), "--prompts", "Once upon a time,",
+    proc = torchrun(2, "example.py", "--ckpt_dir", str(stories_ckpt), "--prompts", prompt,
                     "--temperature", "0", "--max_gen_len", "40", "--max_seq_len", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n\n==========")[0] == alone
@@ -158,6 +159,10 @@ def edit_shard(shard, edit):
     return lambda src, dst: edited_copy(src, dst, shard=shard, edit=edit)
 
 
+def grow_wq(sd):
+    sd["layers.1.attention.wq.weight"] = torch.ones(40, 64)  # 32 rows in the other shard
+
+
 def unchanged(src, dst):
     return edited_copy(src, dst)
 
@@ -170,10 +175,10 @@ BAD = {  # how to break a copy of a 2-shard checkpoint, processes, the error
     "n_heads % n_kv_heads": (edit_params(n_kv_heads=3), 1, "n_heads=4 is not divisible by n_kv_heads=3"),
     "3 processes for 2 shards": (unchanged, 3, "has 2 shard(s), which cannot be spread over 3"),
     "more processes than kv heads": (unchanged, 4, "n_kv_heads=2 cannot be split over 4"),
-    "shapes vs params.json": (edit_params(multiple_of=256), 1,
-                              "feed_forward.w1.weight has shape (96, 64) but params.json and 2 shard(s) imply (128, 64)"),
-    "shapes vs other shard": (edit_shard(1, lambda sd: sd.update({"layers.1.attention.wq.weight": torch.zeros(40, 64)})),
-                              1, "consolidated.01.pth: layers.1.attention.wq.weight has shape (40, 64)"),
+    "shapes vs params.json": (edit_params(multiple_of=256), 1, "feed_forward.w1.weight has shape (96, 64) but "
+                              "params.json and 2 shard(s) imply (128, 64)"),
+    "shapes vs other shard": (edit_shard(1, grow_wq), 1,
+                              "consolidated.01.pth: layers.1.attention.wq.weight has shape (40, 64)"),
     "missing tensor": (edit_shard(0, lambda sd: sd.pop("norm.weight")), 1, "missing: ['norm.weight']"),
     "unexpected tensor": (edit_shard(1, lambda sd: sd.update({"extra.weight": torch.zeros(1)})), 1,
                           "unexpected: ['extra.weight']"),
