@@ -1,14 +1,17 @@
 """`Llama`: build a model from a checkpoint, then generate, complete text and chat."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from typing import Iterable, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fairscale_layers
 
 from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
@@ -108,7 +111,8 @@ class Llama:
 
         start = time.perf_counter()
         rank, mp_size = setup_model_parallel(mp_size, device)
-        model = Transformer(args)
+        with _skip_fairscale_init():
+            model = Transformer(args)
         _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
@@ -305,6 +309,18 @@ def _check_dialog(dialog: Dialog) -> None:
     if not turns or [m["role"] for m in turns] != expected[: len(turns)] or turns[-1]["role"] != "user":
         raise ValueError("after an optional system message, roles must alternate user/assistant/... "
                          "and end with the user")
+
+
+@contextlib.contextmanager
+def _skip_fairscale_init() -> Iterator[None]:
+    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway.
+
+    With more than one process fairscale fills each weight by allocating the whole matrix and
+    copying this rank's slice out of it: that writes a float32 copy of the rank's weights, which
+    would double the peak memory of loading (bf16: more than double). Patched only while building.
+    """
+    with mock.patch.object(fairscale_layers, "_initialize_affine_weight", lambda *args, **kwargs: None):
+        yield
 
 
 def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:

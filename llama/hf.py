@@ -181,6 +181,7 @@ def write_hf(ckpt, out_dir: str | os.PathLike, max_file_bytes: int = 5 * 2**30) 
             f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         for i, name in enumerate(names):
             os.rename(tmp / f"part{i}", tmp / name)
+            os.chmod(tmp / name, tmp.stat().st_mode & 0o666)  # safetensors writes 0600; follow the folder's umask
         if len(groups) > 1:
             weight_map = {key: file for file, keys in zip(names, groups) for key in keys}
             (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,6 +1,8 @@
 """Meta checkpoints of S shards on M processes (S % M == 0 or M % S == 0), resharding, and bad input."""
 import argparse
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -9,12 +11,16 @@ import torch
 from conftest import run_python, torchrun
 from dist_worker import PROMPTS
 from llama import Llama, ModelArgs
-from llama.checkpoint import (CheckpointError, load_shard, open_checkpoint, release_pages, split_state_dict,
-                              write_meta)
+from llama.checkpoint import (CheckpointError, full_shapes, load_shard, open_checkpoint, release_pages,
+                              split_state_dict, write_checkpoint, write_meta)
 from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
 from test_stories import PUBLISHED
 
 PARAMS = {**TINY_PARAMS, "n_kv_heads": 4, "vocab_size": 256}  # every split dim divides by 4
+
+
+def build(path, mp=1, **kwargs):
+    return Llama.build(str(path), max_seq_len=16, max_batch_size=1, model_parallel_size=mp, **kwargs)
 
 
 def native_and_written(tmp_path, num_shards: int, embedding_dim: int = 1):
@@ -60,12 +66,47 @@ def test_released_pages_still_read_back(tmp_path):
     assert torch.equal(t, copy)
 
 
+def resident_bytes(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak resident memory while reading a 55 MB bf16 checkpoint, over the weights it yields.
+    Without dropping each copied tensor's file pages it would be 2: weights plus the mapped file."""
+    params = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 4096, "multiple_of": 256}
+    gen = torch.Generator().manual_seed(0)
+    state = {name: torch.rand(shape, generator=gen, dtype=torch.bfloat16)
+             for name, shape in full_shapes(ModelArgs.from_params(params)).items()}
+    write_checkpoint(tmp_path / "ckpt", params, state)
+    del state
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # restart the peak (VmHWM) from the current resident size
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    before = resident_bytes("VmRSS")
+    loaded = dict(ckpt.rank_tensors(0, 1, dtype=torch.bfloat16))
+    ratio = (resident_bytes("VmHWM") - before) / sum(t.nbytes for t in loaded.values())
+    assert ratio < 1.25
+
+
 def test_two_shards_on_one_process_match_native(tiny_ckpt2, tiny_llama):
     g = Llama.build(str(tiny_ckpt2), max_seq_len=64, max_batch_size=4, model_parallel_size=1, device="cpu")
     tokens = torch.tensor([g.tokenizer.encode(PROMPTS[2], bos=True, eos=False)])
     torch.testing.assert_close(g.model(tokens, 0), tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
     assert g.text_completion(PROMPTS, temperature=0, max_gen_len=12) == \
         tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
+
+
+def test_rank_0_logs_shards_bytes_and_seconds(tiny_ckpt2, caplog):
+    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
+        build(tiny_ckpt2)
+    assert re.fullmatch(rf"rank 0 of 1: 2 of 2 shard\(s\) of {tiny_ckpt2}: 0\.00 GB in \d+\.\d s", caplog.messages[-1])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
+        dict(open_checkpoint(tiny_ckpt2, 2).rank_tensors(1, 2, log_progress=False))
+    assert not caplog.messages
 
 
 def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_path):
@@ -188,10 +229,6 @@ BAD = {  # how to break a copy of a 2-shard checkpoint, processes, the error
                          "weights_only loading refused it (WeightsUnpickler error: Unsupported global: GLOBAL "
                          "argparse.Namespace was not an allowed global by default)"),
 }
-
-
-def build(path, mp=1, **kwargs):
-    return Llama.build(str(path), max_seq_len=16, max_batch_size=1, model_parallel_size=mp, **kwargs)
 
 
 @pytest.mark.parametrize("case", BAD)
