@@ -23,11 +23,14 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from llama.model import ModelArgs
+
+if TYPE_CHECKING:
+    from llama.hf import HFCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +342,7 @@ class MetaCheckpoint:
         progress.done()
 
 
-def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1):
+def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[MetaCheckpoint, HFCheckpoint]:
     """Validate a Meta or Hugging Face checkpoint folder for `world_size` model-parallel ranks."""
     from llama.hf import HFCheckpoint, is_hf_folder
 
@@ -408,7 +411,7 @@ def write_checkpoint(out_dir: str | os.PathLike, params: dict, full: StateDict, 
     return write_shards(out_dir, params, split_state_dict(full, num_shards), tokenizer_path)
 
 
-def write_meta(ckpt, out_dir: str | os.PathLike, num_shards: int) -> Path:
+def write_meta(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike, num_shards: int) -> Path:
     """Write any opened checkpoint (see open_checkpoint) in Meta's layout with `num_shards` shards,
     keeping its dtypes and, for a Meta source, its params.json and embedding split."""
     shards = (dict(ckpt.rank_tensors(r, num_shards, embedding_dim=ckpt.embedding_dim)) for r in range(num_shards))

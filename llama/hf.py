@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llama.checkpoint import (CheckpointError, Progress, assemble, atomic_folder, check_names, check_world,
-                              extent, ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute, model_args,
-                              read_json, region, shard_dim)
+from llama.checkpoint import (CheckpointError, MetaCheckpoint, Progress, assemble, atomic_folder, check_names,
+                              check_world, extent, ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute,
+                              model_args, read_json, region, shard_dim)
 from llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -153,7 +153,8 @@ class HFCheckpoint:
         progress.done()
 
 
-def write_hf(ckpt, out_dir: str | os.PathLike, max_file_bytes: int = 5 * 2**30) -> Path:
+def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
+             max_file_bytes: int = 5 * 2**30) -> Path:
     """Write any opened checkpoint (see checkpoint.open_checkpoint) as a Hugging Face Llama folder,
     atomically, in safetensors files of at most `max_file_bytes` (one file when it fits)."""
     args = ckpt.args
