@@ -1,31 +1,45 @@
-"""Find, validate, load, split and write Meta-layout checkpoints.
+"""Find, validate, load, reshard and write Meta-layout checkpoints.
 
 A Meta checkpoint folder holds `params.json` and one `consolidated.NN.pth` per model-parallel
-shard. Each tensor is cut along the dimension its fairscale layer splits:
-column-parallel weights along dim 0, row-parallel weights and the embedding along dim 1,
-norms replicated.
+shard. Each tensor is cut along the dimension its fairscale layer splits: column-parallel
+weights along dim 0, row-parallel weights along dim 1, norms replicated. The embedding is cut
+along dim 1 in Llama 1/2 checkpoints and along dim 0 (vocabulary rows) in Llama 3 ones.
+
+A checkpoint of S shards loads on M model-parallel ranks whenever S % M == 0 or M % S == 0:
+each rank assembles its own slice of every tensor from the shards that hold part of it.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 import pickle
 import shutil
+import sys
+import time
 import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from llama.model import ModelArgs
+
+if TYPE_CHECKING:
+    from llama.hf import HFCheckpoint
 
 log = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+Region = List[Tuple[int, int]]  # per dimension, the [start, stop) a piece covers in the whole tensor
 
 _COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
 _ROW = ("wo.weight", "w2.weight", "tok_embeddings.weight")
+_DERIVED = ("rope.freqs",)  # a RoPE table some Llama 1 checkpoints carry; the model computes its own
 
 
 class CheckpointError(ValueError):
@@ -33,7 +47,7 @@ class CheckpointError(ValueError):
 
 
 def shard_dim(name: str) -> Optional[int]:
-    """The dimension along which Meta's checkpoints split tensor `name`; None if replicated."""
+    """The dimension along which the model (and Llama 1/2 checkpoints) split tensor `name`; None if replicated."""
     if name.endswith(_COLUMN):
         return 0
     if name.endswith(_ROW):
@@ -41,24 +55,64 @@ def shard_dim(name: str) -> Optional[int]:
     return None
 
 
+def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the whole model, in checkpoint order, with its unsplit (out, in) shape."""
+    kv_dim = args.n_kv_heads * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.dim, args.dim), p + "attention.wk.weight": (kv_dim, args.dim),
+            p + "attention.wv.weight": (kv_dim, args.dim), p + "attention.wo.weight": (args.dim, args.dim),
+            p + "feed_forward.w1.weight": (args.hidden_dim, args.dim),
+            p + "feed_forward.w2.weight": (args.dim, args.hidden_dim),
+            p + "feed_forward.w3.weight": (args.hidden_dim, args.dim),
+            p + "attention_norm.weight": (args.dim,), p + "ffn_norm.weight": (args.dim,),
+        })
+    shapes.update({"norm.weight": (args.dim,), "output.weight": (args.vocab_size, args.dim)})
+    return shapes
+
+
+def ffn_params(dim: int, hidden_dim: int) -> dict:
+    """multiple_of / ffn_dim_multiplier that make ModelArgs.hidden_dim come out as `hidden_dim`."""
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of).hidden_dim == hidden_dim:
+            return {"multiple_of": multiple_of}
+    base = int(2 * 4 * dim / 3)
+    # Rounding up to a multiple of hidden_dim itself lands exactly on hidden_dim once the
+    # (multiplied) base is at most hidden_dim.
+    if hidden_dim >= base:
+        return {"multiple_of": hidden_dim}
+    return {"multiple_of": hidden_dim, "ffn_dim_multiplier": hidden_dim / base}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): restore the file from the original download")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def load_params(ckpt_dir: str | os.PathLike) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a Meta checkpoint folder needs params.json beside its shards")
+    return read_json(path)
+
+
+def model_args(params: dict, source: Path) -> ModelArgs:
+    """ModelArgs from a params dict, with any inconsistency reported against `source`."""
     try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): restore the file from the original download")
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(params).__name__}")
-    return params
+        return ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def find_shards(ckpt_dir: str | os.PathLike) -> List[Path]:
     folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist: pass --ckpt_dir with a folder "
-                              "holding params.json and consolidated.NN.pth")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth shards in {str(folder)!r}: point --ckpt_dir at a Meta "
@@ -70,20 +124,242 @@ def find_shards(ckpt_dir: str | os.PathLike) -> List[Path]:
     return shards
 
 
+def _reason(e: Exception) -> str:
+    """The informative sentence of a torch.load error (they run to many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+    return line.split(". ")[0]
+
+
 def load_shard(path: str | os.PathLike) -> StateDict:
-    """Load one shard to CPU, memory-mapped, refusing anything but plain tensors."""
+    """Load one shard to CPU, memory-mapped (only its metadata is read), refusing anything but plain tensors."""
     path = Path(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and weights_only loading refused it "
-                              f"({str(e).splitlines()[0]}): re-save it as a plain state dict of tensors")
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} could not be read ({str(e).splitlines()[0]}): the file is truncated or "
-                              "corrupted; download or convert it again")
+                              f"({_reason(e)}): re-save it as a plain state dict of tensors") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} could not be read ({_reason(e)}): the file is truncated or corrupted; "
+                              "download or convert it again") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors: re-save it with torch.save(model.state_dict())")
     return sd
+
+
+def check_names(found: Iterable[str], expected: Iterable[str], path: Path, fix: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensor names do not match the model (missing: {missing[:5]}, "
+                              f"unexpected: {unexpected[:5]}): {fix}")
+
+
+def check_world(args: ModelArgs, world_size: int, source: Path) -> None:
+    """Refuse a model-parallel size that would cut a tensor unevenly or split a key/value head."""
+    if args.n_kv_heads % world_size or args.n_heads % world_size:
+        # Replicating k/v heads across ranks would work too, but costs memory and code; refuse instead.
+        raise CheckpointError(f"{source}: n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} cannot be "
+                              f"split over {world_size} model-parallel processes (heads are never split inside "
+                              f"a head): run with a number of processes that divides {args.n_kv_heads}")
+    for name, shape in full_shapes(args).items():
+        dim = shard_dim(name)
+        if dim is not None and shape[dim] % world_size:
+            raise CheckpointError(f"{source}: {name} of shape {shape} cannot be split evenly over {world_size} "
+                                  f"model-parallel processes along dim {dim}: run with fewer processes")
+
+
+def region(shape: Sequence[int], dim: Optional[int], part: int, n_parts: int) -> Region:
+    """Where part `part` of `n_parts` lies when a tensor of `shape` is cut evenly along `dim` (None: whole)."""
+    return [(part * size // n_parts, (part + 1) * size // n_parts) if d == dim else (0, size)
+            for d, size in enumerate(shape)]
+
+
+def extent(r: Region) -> List[int]:
+    """The shape of the piece covering region `r`."""
+    return [hi - lo for lo, hi in r]
+
+
+def overlap(have: Region, want: Region) -> Optional[Tuple[tuple, tuple]]:
+    """Index tuples into a piece covering `have` and one covering `want` for what both hold; None if disjoint."""
+    both = [(max(h0, w0), min(h1, w1)) for (h0, h1), (w0, w1) in zip(have, want)]
+    if any(lo >= hi for lo, hi in both):
+        return None
+    src = tuple(slice(lo - h0, hi - h0) for (lo, hi), (h0, _) in zip(both, have))
+    dst = tuple(slice(lo - w0, hi - w0) for (lo, hi), (w0, _) in zip(both, want))
+    return src, dst
+
+
+class Progress:
+    """Log, every few seconds and at the end, how much of a rank's weights has been read."""
+
+    def __init__(self, what: str, total_numel: int, enabled: bool, every_s: float = 5.0):
+        self.what, self.total, self.enabled, self.every_s = what, max(total_numel, 1), enabled, every_s
+        self.numel = self.nbytes = 0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, t: torch.Tensor) -> None:
+        self.numel += t.numel()
+        self.nbytes += t.numel() * t.element_size()
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %.2f GB (%.0f%%) after %.1f s", self.what, self.nbytes / 1e9,
+                     100 * self.numel / self.total, now - self.start)
+
+    def done(self) -> None:
+        if self.enabled:
+            log.info("%s: %.2f GB in %.1f s", self.what, self.nbytes / 1e9, time.perf_counter() - self.start)
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the resident pages of a memory-mapped shard tensor we have copied out.
+
+    Every tensor of a shard views one private mapping of the file, and the pages read stay
+    resident until all of them are gone; without this, loading would peak at the rank's weights
+    plus the shard. The pages are clean file pages (never written), so a later read refetches them.
+    Only call it on tensors from `load_shard`: on anonymous memory it would zero the data.
+    """
+    if _libc is None or t.numel() == 0:
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def assemble(want: Region, parts: Iterable[Tuple[Region, object]], dtype: Optional[torch.dtype],
+             device: Union[str, torch.device]) -> torch.Tensor:
+    """The `want` region of a tensor, copied from whichever `parts` (region, sliceable) overlap it.
+
+    A sliceable is a tensor or a safetensors slice: indexing it with a tuple of slices gives a tensor.
+    The result has `dtype` (None: the parts' own), converted piece by piece.
+    """
+    out = None
+    for have, source in parts:
+        both = overlap(have, want)
+        if both is None:
+            continue
+        piece = source[both[0]]
+        if out is None:
+            out = torch.empty(extent(want), dtype=dtype or piece.dtype, device=device)
+        out[both[1]].copy_(piece)
+    return out
+
+
+class MetaCheckpoint:
+    """A validated Meta checkpoint folder. Every rank validates every shard's metadata, so bad
+    input fails alike everywhere; loading then reads only the rank's slices."""
+
+    def __init__(self, folder: Path, world_size: int = 1):
+        self.path = folder
+        self.params = load_params(folder)
+        self.files = find_shards(folder)
+        n = len(self.files)
+        if n % world_size and world_size % n:
+            raise CheckpointError(f"{folder} has {n} shard(s), which cannot be spread over {world_size} "
+                                  f"model-parallel process(es): run with torchrun --nproc_per_node {n} (or a "
+                                  f"divisor or multiple of {n}), or reshard it with scripts/reshard.py "
+                                  f"--num_shards {world_size}")
+        # Memory-mapped: this reads each shard's metadata, not its weights.
+        self.shards = [self._load(path) for path in self.files]
+        self.embedding_dim, vocab_size = self._embedding_split()
+        params = dict(self.params)
+        if isinstance(params.get("vocab_size", -1), int) and params.get("vocab_size", -1) <= 0:
+            params["vocab_size"] = vocab_size  # Llama 1's params.json says -1
+        self.args = model_args(params, folder / "params.json")
+        check_world(self.args, world_size, folder)
+        self._check_shapes()
+
+    @staticmethod
+    def _load(path: Path) -> StateDict:
+        sd = load_shard(path)
+        return {k: v for k, v in sd.items() if not k.endswith(_DERIVED)}
+
+    def _embedding_split(self) -> Tuple[int, int]:
+        """(dim the embedding is cut along, vocabulary size), read from shard 00's shapes."""
+        emb = self.shards[0].get("tok_embeddings.weight")
+        dim = self.params.get("dim")
+        if emb is None or emb.dim() != 2:
+            raise CheckpointError(f"{self.files[0]} has no 2-D tok_embeddings.weight: it is not a LLaMA shard")
+        n = len(self.shards)
+        if n > 1 and emb.shape[1] == dim:  # whole rows: Llama 3 cuts the vocabulary
+            return 0, emb.shape[0] * n
+        return 1, emb.shape[0]
+
+    def _check_shapes(self) -> None:
+        shapes = full_shapes(self.args)
+        n = len(self.shards)
+        for i, (path, sd) in enumerate(zip(self.files, self.shards)):
+            check_names(sd, shapes, path, "the checkpoint is not a LLaMA checkpoint of this params.json")
+            for name, shape in shapes.items():
+                dim = self.embedding_dim if name == "tok_embeddings.weight" else shard_dim(name)
+                expected = tuple(extent(region(shape, dim, i, n)))
+                if tuple(sd[name].shape) != expected:
+                    raise CheckpointError(
+                        f"{path}: {name} has shape {tuple(sd[name].shape)} but params.json and {n} shard(s) "
+                        f"imply {expected}: the shard disagrees with params.json or with the other shards; "
+                        "download or convert the checkpoint again")
+
+    def rank_tensors(self, rank: int, world_size: int, dtype: Optional[torch.dtype] = None,
+                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1,
+                     log_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield (name, this rank's slice) tensor by tensor, each complete and owned (no file pages).
+
+        Slices follow the model's split (`shard_dim`); `embedding_dim` picks the embedding's.
+        """
+        n = len(self.shards)
+        shapes = full_shapes(self.args)
+
+        def dims(name: str) -> Tuple[Optional[int], Optional[int]]:  # (split in the files, split wanted)
+            if name == "tok_embeddings.weight":
+                return self.embedding_dim, embedding_dim
+            return shard_dim(name), shard_dim(name)
+
+        def wanted(name: str) -> Region:
+            return region(shapes[name], dims(name)[1], rank, world_size)
+
+        def held(name: str, i: int) -> Region:
+            return region(shapes[name], dims(name)[0], i, n)
+
+        needed = sorted({i for name in shapes if dims(name)[0] is not None for i in range(n)
+                         if overlap(held(name, i), wanted(name))})
+        total = sum(torch.Size(extent(wanted(name))).numel() for name in shapes)
+        progress = Progress(f"rank {rank} of {world_size}: {len(needed)} of {n} shard(s) of {self.path}", total,
+                            log_progress)
+        for name in shapes:
+            # Replicated tensors are the same in every shard: read one copy.
+            sources = needed if dims(name)[0] is not None else needed[:1]
+            parts = [(held(name, i), self.shards[i][name]) for i in sources]
+            out = assemble(wanted(name), parts, dtype, device)
+            for _, t in parts:
+                release_pages(t)
+            progress.add(out)
+            yield name, out
+        progress.done()
+
+
+def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[MetaCheckpoint, HFCheckpoint]:
+    """Validate a Meta or Hugging Face checkpoint folder for `world_size` model-parallel ranks."""
+    from llama.hf import HFCheckpoint, is_hf_folder
+
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer")
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist: pass --ckpt_dir with a Meta "
+                                "(params.json + consolidated.NN.pth) or Hugging Face (config.json + "
+                                "*.safetensors) checkpoint folder")
+    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
+        return MetaCheckpoint(folder, world_size)
+    if is_hf_folder(folder):
+        return HFCheckpoint(folder, world_size)
+    raise CheckpointError(f"{folder} holds neither a Meta checkpoint (params.json is missing, and no "
+                          "consolidated.NN.pth) nor a Hugging Face one (no config.json): point --ckpt_dir at "
+                          "a checkpoint folder")
 
 
 def split_state_dict(full: StateDict, n: int) -> List[StateDict]:
@@ -98,15 +374,6 @@ def split_state_dict(full: StateDict, n: int) -> List[StateDict]:
         for shard, piece in zip(shards, pieces):
             shard[name] = piece.clone()
     return shards
-
-
-def merge_state_dicts(shards: List[StateDict]) -> StateDict:
-    """Inverse of split_state_dict."""
-    merged: StateDict = {}
-    for name in shards[0]:
-        dim = shard_dim(name)
-        merged[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
-    return merged
 
 
 @contextmanager
@@ -126,10 +393,9 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_checkpoint(out_dir: str | os.PathLike, params: dict, full: StateDict, num_shards: int = 1,
-                     tokenizer_path: Optional[str | os.PathLike] = None) -> Path:
-    """Write a Meta-layout checkpoint folder atomically: params.json, consolidated.NN.pth, tokenizer.model."""
-    shards = split_state_dict(full, num_shards)
+def write_shards(out_dir: str | os.PathLike, params: dict, shards: Iterable[StateDict],
+                 tokenizer_path: Optional[str | os.PathLike] = None) -> Path:
+    """Write a Meta-layout folder atomically; `shards` may be a generator, so one shard is in memory at a time."""
     with atomic_folder(out_dir) as tmp:
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         for i, shard in enumerate(shards):
@@ -139,14 +405,20 @@ def write_checkpoint(out_dir: str | os.PathLike, params: dict, full: StateDict, 
     return Path(out_dir)
 
 
-def load_rank_state_dict(ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> StateDict:
-    """This model-parallel rank's tensors (the shard count must equal `world_size`)."""
-    shards = find_shards(ckpt_dir)
-    if len(shards) != world_size:
-        raise CheckpointError(f"{ckpt_dir} has {len(shards)} shard(s) but the model-parallel size is {world_size}: "
-                              f"run with --nproc_per_node {len(shards)}, or reshard with "
-                              f"scripts/reshard.py --num_shards {world_size}")
-    return load_shard(shards[rank])
+def write_checkpoint(out_dir: str | os.PathLike, params: dict, full: StateDict, num_shards: int = 1,
+                     tokenizer_path: Optional[str | os.PathLike] = None) -> Path:
+    """Write a whole-model state dict as a Meta-layout checkpoint of `num_shards` shards."""
+    return write_shards(out_dir, params, split_state_dict(full, num_shards), tokenizer_path)
+
+
+def write_meta(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike, num_shards: int) -> Path:
+    """Write any opened checkpoint (see open_checkpoint) in Meta's layout with `num_shards` shards,
+    keeping its dtypes and, for a Meta source, its params.json and embedding split."""
+    shards = (dict(ckpt.rank_tensors(r, num_shards, embedding_dim=ckpt.embedding_dim)) for r in range(num_shards))
+    tokenizer = ckpt.path / "tokenizer.model"
+    if not tokenizer.is_file():
+        log.warning("%s has no tokenizer.model: copy one into %s before running it", ckpt.path, out_dir)
+    return write_shards(out_dir, ckpt.params, shards, tokenizer if tokenizer.is_file() else None)
 
 
 def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -178,17 +450,21 @@ _HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": 
            "output.weight": "lm_head.weight"}
 
 
+def hf_name(name: str) -> str:
+    """transformers' LlamaForCausalLM name of Meta tensor `name`."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
+    return f"model.layers.{i}.{_HF_NAMES[rest]}"
+
+
 def meta_to_hf(full: StateDict, n_heads: int, n_kv_heads: int) -> StateDict:
     """A whole Meta state dict renamed and permuted for transformers' LlamaForCausalLM."""
     out: StateDict = {}
     for name, t in full.items():
-        if name in _HF_TOP:
-            out[_HF_TOP[name]] = t
-            continue
-        _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
-        if rest == "attention.wq.weight":
+        if name.endswith("attention.wq.weight"):
             t = hf_permute(t, n_heads)
-        elif rest == "attention.wk.weight":
+        elif name.endswith("attention.wk.weight"):
             t = hf_permute(t, n_kv_heads)
-        out[f"model.layers.{i}.{_HF_NAMES[rest]}"] = t
+        out[hf_name(name)] = t
     return out

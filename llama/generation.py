@@ -1,6 +1,8 @@
 """`Llama`: build a model from a checkpoint, then generate, stream, complete text, chat and score."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -8,13 +10,15 @@ import os
 import time
 from typing import (Collection, FrozenSet, Iterable, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple,
                     TypedDict, Union)
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fairscale_layers
 
-from llama.checkpoint import CheckpointError, find_shards, load_params, load_rank_state_dict
+from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
-from llama.model import ModelArgs, Transformer
+from llama.model import Transformer
 from llama.numerics import NonFiniteError, locate_nonfinite
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
@@ -281,16 +285,18 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
     ) -> "Llama":
-        """Load a Meta-layout checkpoint for this process's model-parallel rank.
+        """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
+        A checkpoint of S shards runs on M model-parallel processes when S % M == 0 or M % S == 0;
+        each rank reads only its slices. `tokenizer_path` defaults to CKPT_DIR/tokenizer.model.
         Sets up torch.distributed and fairscale when they are not set up yet (nccl on CUDA,
         gloo on CPU; a plain `python` run is a world of one). Every argument and file is
         checked before the first collective call, so a bad input fails on every rank alike.
@@ -304,34 +310,24 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
 
-        params = load_params(ckpt_dir)
-        shards = find_shards(ckpt_dir)
-        if len(shards) != mp_size:
-            raise CheckpointError(
-                f"{ckpt_dir} has {len(shards)} shard(s) but {mp_size} model-parallel process(es) were started: "
-                f"run with torchrun --nproc_per_node {len(shards)}, or reshard the checkpoint")
+        ckpt = open_checkpoint(ckpt_dir, mp_size)
+        tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
         tokenizer = load_tokenizer(tokenizer_path)
-        try:
-            args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, 'params.json')}: {e}") from None
-        if args.vocab_size <= 0:
-            args.vocab_size = tokenizer.n_words
-        elif tokenizer.n_words > args.vocab_size:
+        args = dataclasses.replace(ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if tokenizer.n_words > args.vocab_size:
             raise CheckpointError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
                 f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
 
         start = time.perf_counter()
         rank, mp_size = setup_model_parallel(mp_size, device)
-        state = load_rank_state_dict(ckpt_dir, rank, mp_size)
-        model = Transformer(args)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        _load_weights(model, state, shards[rank])
+        with _skip_fairscale_init():
+            model = Transformer(args)
+        _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
         model.setup_cache(max_batch_size, max_seq_len, device, dtype)
-        log.info("loaded %s (%d shard(s), %s on %s) in %.2f s", ckpt_dir, len(shards), dtype, device,
+        log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
                  time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed)
 
@@ -666,16 +662,29 @@ def _pieces(rows: List[_Row], steps: Iterator[None]) -> Iterator[List[str]]:
             yield pieces
 
 
-def _load_weights(model: Transformer, state: dict, path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensor names do not match the model (missing: {missing[:5]}, "
-                              f"unexpected: {unexpected[:5]}): the checkpoint is not a LLaMA checkpoint of "
-                              "this params.json")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)} but params.json implies "
-                                  f"{tuple(expected[name].shape)}: the shard and params.json disagree")
-    model.load_state_dict(state, assign=True)
+@contextlib.contextmanager
+def _skip_fairscale_init() -> Iterator[None]:
+    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway.
+
+    With more than one process fairscale fills each weight by allocating the whole matrix and
+    copying this rank's slice out of it: that writes a float32 copy of the rank's weights, which
+    would double the peak memory of loading (bf16: more than double). Patched only while building.
+    """
+    with mock.patch.object(fairscale_layers, "_initialize_affine_weight", lambda *args, **kwargs: None):
+        yield
+
+
+def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
+    """Swap each tensor into the model as it arrives, so the placeholder it replaces is freed
+    before the next one is read: loading never holds two copies of the weights."""
+    expected = {name: t.shape for name, t in model.state_dict().items()}  # shapes only: no references
+    seen = set()
+    for name, tensor in tensors:
+        if tensor.shape != expected.get(name):
+            raise CheckpointError(f"{source}: {name} of shape {tuple(tensor.shape)} does not fit the model "
+                                  f"(expected {expected.get(name)})")
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        seen.add(name)
+    if seen != set(expected):
+        raise CheckpointError(f"{source}: no weights for {sorted(set(expected) - seen)[:5]}")

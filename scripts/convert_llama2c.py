@@ -14,19 +14,8 @@ from pathlib import Path
 import fire
 import torch
 
-from llama.checkpoint import write_checkpoint
+from llama.checkpoint import ffn_params, write_checkpoint
 from llama.model import ModelArgs
-
-
-def ffn_params(dim: int, hidden_dim: int) -> dict:
-    """multiple_of / ffn_dim_multiplier that make ModelArgs.hidden_dim come out as `hidden_dim`."""
-    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of).hidden_dim == hidden_dim:
-            return {"multiple_of": multiple_of}
-    base = int(2 * 4 * dim / 3)
-    # Rounding up to a multiple of hidden_dim itself lands exactly on hidden_dim once the
-    # (multiplied) base is at most hidden_dim.
-    return {"multiple_of": hidden_dim, "ffn_dim_multiplier": None if hidden_dim >= base else hidden_dim / base}
 
 
 def read_llama2c(path: str) -> tuple:
@@ -74,8 +63,6 @@ def read_llama2c(path: str) -> tuple:
     sd["output.weight"] = emb.clone() if shared else take(vocab, dim)
     params = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
               "vocab_size": vocab, "norm_eps": 1e-5, "rope_theta": 10000.0, **ffn_params(dim, hidden)}
-    if params.get("ffn_dim_multiplier", 0) is None:
-        del params["ffn_dim_multiplier"]
     return params, sd, seq_len
 
 

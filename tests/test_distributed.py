@@ -20,11 +20,11 @@ def test_two_processes_match_one(tiny_ckpt, tiny_ckpt2, tiny_llama, tmp_path):
     torch.testing.assert_close(ranks[1]["logits"], ranks[0]["logits"], atol=0, rtol=0)
 
 
-def test_shard_count_mismatch_fails_on_every_rank_without_traceback(tiny_ckpt):
-    proc = torchrun(2, "example.py", "--ckpt_dir", str(tiny_ckpt), timeout=120)
+def test_shard_count_mismatch_fails_on_every_rank_without_traceback(tiny_ckpt2):
+    proc = torchrun(3, "example.py", "--ckpt_dir", str(tiny_ckpt2), timeout=120)  # 2 shards cannot spread over 3
     assert proc.returncode != 0
-    assert proc.stderr.count("has 1 shard(s) but 2 model-parallel process(es)") == 1  # rank 0 speaks
-    assert "nproc_per_node 1" in proc.stderr
+    assert proc.stderr.count("has 2 shard(s), which cannot be spread over 3 model-parallel") == 1  # rank 0 speaks
+    assert "reshard it with scripts/reshard.py --num_shards 3" in proc.stderr
     # torchrun prints its own traceback when a child fails; none may come from our code
     assert not re.search(r'File ".*(example\.py|/llama/)', proc.stderr), proc.stderr
 

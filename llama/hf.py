@@ -1,0 +1,205 @@
+"""Hugging Face Llama folders: config.json plus model.safetensors or model-0000N-of-0000M.safetensors
+with model.safetensors.index.json, read one rank's slices at a time and written from any checkpoint.
+
+Hugging Face stores wq/wk rows in rotate-half order (see checkpoint.hf_permute); reading undoes it
+per rank slice, which works because a rank's rows are whole heads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llama.checkpoint import (CheckpointError, MetaCheckpoint, Progress, assemble, atomic_folder, check_names,
+                              check_world, extent, ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute,
+                              model_args, read_json, region, shard_dim)
+from llama.model import ModelArgs
+
+INDEX = "model.safetensors.index.json"
+_DERIVED = ("rotary_emb.inv_freq",)  # a RoPE table older transformers saved; the model computes its own
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def config_to_params(config: dict, path: Path) -> dict:
+    """Meta params.json fields for a transformers LlamaConfig dict; anything this model lacks is refused."""
+    if config.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type is {config.get('model_type')!r}, not 'llama': only Llama "
+                              "checkpoints are supported")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not supported (this model implements plain "
+                              "RoPE and Llama 3.1's 'llama3' scaling): use a checkpoint without other rope_scaling")
+    if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: biases or an activation other than silu are not supported: use a plain "
+                              "Llama checkpoint")
+    try:
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        if config.get("head_dim") not in (None, dim // n_heads):
+            raise CheckpointError(f"{path}: head_dim={config['head_dim']} differs from hidden_size / "
+                                  "num_attention_heads, which this model requires")
+        return {
+            "dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
+            "n_kv_heads": config.get("num_key_value_heads") or n_heads, "vocab_size": config["vocab_size"],
+            "norm_eps": config.get("rms_norm_eps", 1e-6),
+            "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            **ffn_params(dim, config["intermediate_size"]),
+            **(_llama3_rope_params(rope) if rope_type == "llama3" else {}),
+        }
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks {e}: it is not a complete Llama config.json") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path} has invalid sizes ({e}): restore the file from the original download")
+
+
+def _llama3_rope_params(rope: dict) -> dict:
+    return {"use_scaled_rope": True, "rope_scale_factor": rope["factor"],
+            "rope_low_freq_factor": rope["low_freq_factor"], "rope_high_freq_factor": rope["high_freq_factor"],
+            "rope_original_max_seq_len": rope["original_max_position_embeddings"]}
+
+
+def params_to_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scale_factor,
+                        "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                        "original_max_position_embeddings": args.rope_original_max_seq_len}
+    return {"rope_scaling": rope_scaling,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} could not be read ({e}): the file is truncated or corrupted; download "
+                              "or convert it again") from None
+
+
+class HFCheckpoint:
+    """A validated Hugging Face Llama folder; the same interface as checkpoint.MetaCheckpoint."""
+
+    embedding_dim = 1  # written back to Meta's layout the Llama 1/2 way
+
+    def __init__(self, folder: Path, world_size: int = 1):
+        self.path = folder
+        config_path = folder / "config.json"
+        config = read_json(config_path)
+        self.params = config_to_params(config, config_path)
+        self.args = model_args(self.params, config_path)
+        self.files = self._find_files()
+        self.headers: Dict[str, Tuple[Path, Tuple[int, ...]]] = {}  # HF name -> (file, shape)
+        for path in self.files:
+            with _open(path) as f:
+                for key in f.keys():
+                    if not key.endswith(_DERIVED):
+                        self.headers[key] = (path, tuple(f.get_slice(key).get_shape()))
+        tied = bool(config.get("tie_word_embeddings", False))
+        shapes = full_shapes(self.args)
+        # A tied model's output matrix is its embedding; some tied folders still hold a copy as lm_head.
+        self.sources = {name: hf_name("tok_embeddings.weight" if tied and name == "output.weight" else name)
+                        for name in shapes}
+        found = set(self.headers) - ({"lm_head.weight"} if tied else set())
+        check_names(found, self.sources.values(), folder, "it is not a Llama checkpoint of this config.json")
+        for name, shape in shapes.items():
+            path, found_shape = self.headers[self.sources[name]]
+            if found_shape != shape:
+                raise CheckpointError(f"{path}: {self.sources[name]} has shape {found_shape} but config.json "
+                                      f"implies {shape}: download or convert the checkpoint again")
+        check_world(self.args, world_size, folder)
+
+    def _find_files(self) -> List[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map: restore it from the original download")
+            files = [self.path / name for name in sorted(set(weight_map.values()))]
+        else:
+            files = [self.path / "model.safetensors"]
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: a Hugging Face folder needs model.safetensors, or "
+                                        f"the files {INDEX} lists; download them again")
+        return files
+
+    def rank_tensors(self, rank: int, world_size: int, dtype: Optional[torch.dtype] = None,
+                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1,
+                     log_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield (Meta name, this rank's slice) tensor by tensor, reading only the slices from disk."""
+        shapes = full_shapes(self.args)
+
+        def wanted(name: str):
+            return region(shapes[name], embedding_dim if name == "tok_embeddings.weight" else shard_dim(name),
+                          rank, world_size)
+
+        total = sum(torch.Size(extent(wanted(name))).numel() for name in shapes)
+        progress = Progress(f"rank {rank} of {world_size}: {len(self.files)} file(s) of {self.path}", total,
+                            log_progress)
+        for name in shapes:
+            source = self.sources[name]
+            # Open the file per tensor: closing unmaps it, so the pages read do not stay resident.
+            with _open(self.headers[source][0]) as f:
+                whole = region(shapes[name], None, 0, 1)
+                out = assemble(wanted(name), [(whole, f.get_slice(source))], dtype, device)
+            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                out = hf_unpermute(out, out.shape[0] // self.args.head_dim)  # (local heads * head_dim, dim)
+            progress.add(out)
+            yield name, out
+        progress.done()
+
+
+def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
+             max_file_bytes: int = 5 * 2**30) -> Path:
+    """Write any opened checkpoint (see checkpoint.open_checkpoint) as a Hugging Face Llama folder,
+    atomically, in safetensors files of at most `max_file_bytes` (one file when it fits)."""
+    args = ckpt.args
+    with atomic_folder(out_dir) as tmp:
+        groups: List[List[str]] = []
+        group: Dict[str, torch.Tensor] = {}
+        size, dtype = 0, None
+        for name, t in ckpt.rank_tensors(0, 1):
+            if name.endswith("attention.wq.weight"):
+                t = hf_permute(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = hf_permute(t, args.n_kv_heads)
+            nbytes = t.numel() * t.element_size()
+            if group and size + nbytes > max_file_bytes:
+                save_file(group, tmp / f"part{len(groups)}", metadata={"format": "pt"})
+                groups.append(list(group))
+                group, size = {}, 0
+            group[hf_name(name)] = t.contiguous()
+            size += nbytes
+            dtype = dtype or t.dtype
+        save_file(group, tmp / f"part{len(groups)}", metadata={"format": "pt"})
+        groups.append(list(group))
+
+        names = ["model.safetensors"] if len(groups) == 1 else [
+            f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        for i, name in enumerate(names):
+            os.rename(tmp / f"part{i}", tmp / name)
+            os.chmod(tmp / name, tmp.stat().st_mode & 0o666)  # safetensors writes 0600; follow the folder's umask
+        if len(groups) > 1:
+            weight_map = {key: file for file, keys in zip(names, groups) for key in keys}
+            (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype), indent=2) + "\n")
+        tokenizer = ckpt.path / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return Path(out_dir)

@@ -1,0 +1,259 @@
+"""Meta checkpoints of S shards on M processes (S % M == 0 or M % S == 0), resharding, and bad input."""
+import argparse
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_python, torchrun
+from dist_worker import PROMPTS
+from llama import Llama, ModelArgs
+from llama.checkpoint import (CheckpointError, full_shapes, load_shard, open_checkpoint, release_pages,
+                              split_state_dict, write_checkpoint, write_meta)
+from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
+from test_stories import PUBLISHED
+
+PARAMS = {**TINY_PARAMS, "n_kv_heads": 4, "vocab_size": 256}  # every split dim divides by 4
+
+
+def build(path, mp=1, **kwargs):
+    return Llama.build(str(path), max_seq_len=16, max_batch_size=1, model_parallel_size=mp, **kwargs)
+
+
+def native_and_written(tmp_path, num_shards: int, embedding_dim: int = 1):
+    """A whole random state dict and a checkpoint of it in `num_shards` shards, the embedding cut along
+    `embedding_dim` (0 is how Llama 3 checkpoints cut it)."""
+    full = random_state_dict(ModelArgs.from_params(PARAMS), seed=1)
+    shards = split_state_dict(full, num_shards)
+    for shard, emb in zip(shards, full["tok_embeddings.weight"].chunk(num_shards, embedding_dim)):
+        shard["tok_embeddings.weight"] = emb.clone()
+    out = tmp_path / f"s{num_shards}e{embedding_dim}"
+    out.mkdir()
+    (out / "params.json").write_text(json.dumps(PARAMS))
+    for i, shard in enumerate(shards):
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    return full, out
+
+
+@pytest.mark.parametrize("shards, ranks", [(2, 1), (4, 1), (1, 2), (4, 2), (2, 4), (1, 4)])
+@pytest.mark.parametrize("embedding_dim", [1, 0])
+def test_rank_slices_equal_the_native_split(tmp_path, shards, ranks, embedding_dim):
+    full, path = native_and_written(tmp_path, shards, embedding_dim)
+    ckpt = open_checkpoint(path, ranks)
+    assert ckpt.embedding_dim == (embedding_dim if shards > 1 else 1)
+    for rank, expected in enumerate(split_state_dict(full, ranks)):  # the model's split: embedding along dim 1
+        got = dict(ckpt.rank_tensors(rank, ranks, dtype=torch.bfloat16))
+        assert list(got) == list(expected)
+        for name, t in got.items():
+            assert t.dtype == torch.bfloat16 and torch.equal(t, expected[name].bfloat16()), name
+
+
+def test_reshard_keeps_a_llama3_embedding_split(tmp_path):
+    full, path = native_and_written(tmp_path, 2, embedding_dim=0)
+    write_meta(open_checkpoint(path, 4), tmp_path / "out", 4)
+    for i, emb in enumerate(full["tok_embeddings.weight"].chunk(4, 0)):
+        assert torch.equal(load_shard(tmp_path / "out" / f"consolidated.{i:02d}.pth")["tok_embeddings.weight"], emb)
+
+
+def test_released_pages_still_read_back(tmp_path):
+    torch.save({"w": torch.arange(300_000.0)}, tmp_path / "w.pth")
+    t = load_shard(tmp_path / "w.pth")["w"]
+    copy = t.clone()
+    release_pages(t)  # the file pages are dropped, not the data
+    assert torch.equal(t, copy)
+
+
+def resident_bytes(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak resident memory while reading a 55 MB bf16 checkpoint, over the weights it yields.
+    Without dropping each copied tensor's file pages it would be 2: weights plus the mapped file."""
+    params = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 4096, "multiple_of": 256}
+    gen = torch.Generator().manual_seed(0)
+    state = {name: torch.rand(shape, generator=gen, dtype=torch.bfloat16)
+             for name, shape in full_shapes(ModelArgs.from_params(params)).items()}
+    write_checkpoint(tmp_path / "ckpt", params, state)
+    del state
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # restart the peak (VmHWM) from the current resident size
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    before = resident_bytes("VmRSS")
+    loaded = dict(ckpt.rank_tensors(0, 1, dtype=torch.bfloat16))
+    ratio = (resident_bytes("VmHWM") - before) / sum(t.nbytes for t in loaded.values())
+    assert ratio < 1.25
+
+
+def test_two_shards_on_one_process_match_native(tiny_ckpt2, tiny_llama):
+    g = Llama.build(str(tiny_ckpt2), max_seq_len=64, max_batch_size=4, model_parallel_size=1, device="cpu")
+    tokens = torch.tensor([g.tokenizer.encode(PROMPTS[2], bos=True, eos=False)])
+    torch.testing.assert_close(g.model(tokens, 0), tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    assert g.text_completion(PROMPTS, temperature=0, max_gen_len=12) == \
+        tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
+
+
+def test_rank_0_logs_shards_bytes_and_seconds(tiny_ckpt2, caplog):
+    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
+        build(tiny_ckpt2)
+    assert re.fullmatch(rf"rank 0 of 1: 2 of 2 shard\(s\) of {tiny_ckpt2}: 0\.00 GB in \d+\.\d s", caplog.messages[-1])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
+        dict(open_checkpoint(tiny_ckpt2, 2).rank_tensors(1, 2, log_progress=False))
+    assert not caplog.messages
+
+
+def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_path):
+    proc = torchrun(2, "tests/dist_worker.py", str(tiny_ckpt), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"out.rank{r}.pt", weights_only=True) for r in range(2)]
+    tokens = torch.tensor([tiny_llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+        assert r["greedy"] == tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
+
+
+def test_stories260k_on_two_processes_reproduces_one(stories_ckpt):
+    g = Llama.build(str(stories_ckpt), max_seq_len=256, max_batch_size=1, model_parallel_size=1)
+    prompt = "Once upon a time,"
+    alone = prompt + g.text_completion([prompt], temperature=0, max_gen_len=40)[0]["generation"]
+    assert alone.startswith(PUBLISHED)
+    proc = torchrun(2, "example.py", "--ckpt_dir", str(stories_ckpt), "--prompts", prompt,
+                    "--temperature", "0", "--max_gen_len", "40", "--max_seq_len", "256")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n\n==========")[0] == alone
+
+
+def test_reshard_script_merges_and_copies(tiny_ckpt, tiny_ckpt2, tmp_path):
+    out = tmp_path / "merged"
+    proc = run_python("scripts/reshard.py", str(tiny_ckpt2), str(out), "--num_shards", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    for name in ("params.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (tiny_ckpt2 / name).read_bytes()
+    got, expected = load_shard(out / "consolidated.00.pth"), load_shard(tiny_ckpt / "consolidated.00.pth")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    bad = run_python("scripts/reshard.py", str(tiny_ckpt2), str(tmp_path / "three"), "--num_shards", "3")
+    assert bad.returncode == 1 and "cannot be spread over 3" in bad.stderr and "Traceback" not in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # nothing half-written
+
+
+def test_a_failed_write_leaves_no_folder(tiny_ckpt2, tmp_path, monkeypatch):
+    saved, real_save = [], torch.save
+
+    def save_then_fail(obj, path):
+        saved.append(path)
+        if len(saved) == 2:
+            raise OSError("disk full")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_meta(open_checkpoint(tiny_ckpt2, 2), tmp_path / "out", 2)
+    assert len(saved) == 2 and list(tmp_path.iterdir()) == []
+
+
+# Bad input: each raised by validation, which every rank runs before any collective call.
+
+def edited_copy(src, dst, params=None, shard=None, edit=None):
+    """Copy checkpoint `src` to `dst`, update params.json with `params`, and apply `edit` to shard `shard`."""
+    shutil.copytree(src, dst)
+    if params is not None:
+        (dst / "params.json").write_text(json.dumps({**json.loads((dst / "params.json").read_text()), **params}))
+    if edit is not None:
+        path = dst / f"consolidated.{shard:02d}.pth"
+        sd = torch.load(path, weights_only=True)
+        edit(sd)
+        torch.save(sd, path)
+    return dst
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[80:120] = b"\xff" * 40  # inside the pickled metadata, which comes first
+    path.write_bytes(bytes(data))
+
+
+def edit_file(name, change):
+    def make(src, dst):
+        change(edited_copy(src, dst) / name)
+        return dst
+    return make
+
+
+def edit_params(**params):
+    return lambda src, dst: edited_copy(src, dst, params=params)
+
+
+def edit_shard(shard, edit):
+    return lambda src, dst: edited_copy(src, dst, shard=shard, edit=edit)
+
+
+def grow_wq(sd):
+    sd["layers.1.attention.wq.weight"] = torch.ones(40, 64)  # 32 rows in the other shard
+
+
+def unchanged(src, dst):
+    return edited_copy(src, dst)
+
+
+BAD = {  # how to break a copy of a 2-shard checkpoint, processes, the error
+    "empty folder": (lambda src, dst: dst.mkdir() or dst, 1, "holds neither a Meta checkpoint"),
+    "no params.json": (edit_file("params.json", lambda p: p.unlink()), 1, "params.json is missing"),
+    "params not JSON": (edit_file("params.json", lambda p: p.write_text("{dim: 64")), 1, "is not valid JSON"),
+    "dim % n_heads": (edit_params(n_heads=5), 1, "dim=64 is not divisible by n_heads=5"),
+    "n_heads % n_kv_heads": (edit_params(n_kv_heads=3), 1, "n_heads=4 is not divisible by n_kv_heads=3"),
+    "3 processes for 2 shards": (unchanged, 3, "has 2 shard(s), which cannot be spread over 3"),
+    "more processes than kv heads": (unchanged, 4, "n_kv_heads=2 cannot be split over 4"),
+    "shapes vs params.json": (edit_params(multiple_of=256), 1, "feed_forward.w1.weight has shape (96, 64) but "
+                              "params.json and 2 shard(s) imply (128, 64)"),
+    "shapes vs other shard": (edit_shard(1, grow_wq), 1,
+                              "consolidated.01.pth: layers.1.attention.wq.weight has shape (40, 64)"),
+    "missing tensor": (edit_shard(0, lambda sd: sd.pop("norm.weight")), 1, "missing: ['norm.weight']"),
+    "unexpected tensor": (edit_shard(1, lambda sd: sd.update({"extra.weight": torch.zeros(1)})), 1,
+                          "unexpected: ['extra.weight']"),
+    "truncated": (edit_file("consolidated.01.pth", truncate), 1, "truncated or corrupted"),
+    "corrupted": (edit_file("consolidated.00.pth", corrupt), 1, "truncated or corrupted"),
+    "not weights only": (edit_shard(1, lambda sd: sd.update({"x": argparse.Namespace()})), 1,
+                         "weights_only loading refused it (WeightsUnpickler error: Unsupported global: GLOBAL "
+                         "argparse.Namespace was not an allowed global by default)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_checkpoint_is_refused_before_any_collective(tiny_ckpt2, tmp_path, case):
+    make, mp, message = BAD[case]
+    with pytest.raises(CheckpointError) as err:
+        build(make(tiny_ckpt2, tmp_path / "bad"), mp=mp)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tiny_ckpt, tmp_path):
+    tok = train_tokenizer(tmp_path / "big.model", vocab_size=700)
+    with pytest.raises(CheckpointError, match="has 700 tokens but the model's vocab_size is 512"):
+        build(tiny_ckpt, tokenizer_path=str(tok))
+
+
+def test_corrupt_shard_fails_on_every_rank(tiny_ckpt2, tmp_path):
+    """Rank 0 never reads shard 01's weights, but still refuses it instead of waiting on rank 1."""
+    bad = edit_file("consolidated.01.pth", truncate)(tiny_ckpt2, tmp_path / "bad")
+    proc = torchrun(2, "tests/dist_worker.py", str(bad), str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("consolidated.01.pth could not be read") == 2, proc.stderr[-3000:]
+
+
+def test_vocab_size_minus_one_is_read_from_the_shards(tiny_ckpt2, tmp_path):
+    """Llama 1's params.json says vocab_size -1."""
+    path = edited_copy(tiny_ckpt2, tmp_path / "llama1", params={"vocab_size": -1})
+    assert open_checkpoint(path).args.vocab_size == 512
