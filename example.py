@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Union
 import fire
 
 from llama import Llama
-from llama.distributed import env_rank
+from llama.distributed import RankError, env_rank
 
 DEFAULT_PROMPTS = ["Once upon a time", "The capital of France is"]
 DEMO_WARNING = (
@@ -118,7 +118,7 @@ def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
         fire.Fire(entry, command=argv)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, MemoryError, RankError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale_layers
 
 from llama.checkpoint import CheckpointError, open_checkpoint
-from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
-from llama.model import Transformer
+from llama.distributed import (available_memory, env_world_size, on_every_rank, resolve_device, resolve_dtype,
+                               setup_model_parallel)
+from llama.model import ModelArgs, Transformer
 from llama.numerics import NonFiniteError, locate_nonfinite
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
@@ -323,7 +324,12 @@ class Llama:
         rank, mp_size = setup_model_parallel(mp_size, device)
         with _skip_fairscale_init():
             model = Transformer(args)
-        _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
+
+        def load() -> None:  # what one rank can fail at alone: its own files, its own memory
+            _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
+            _check_cache_fits(args, mp_size, dtype, device)
+
+        on_every_rank(load)
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
         model.setup_cache(max_batch_size, max_seq_len, device, dtype)
@@ -674,15 +680,35 @@ def _skip_fairscale_init() -> Iterator[None]:
         yield
 
 
+def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's KV cache: keys and values for every layer, batch row and position."""
+    per_token = 2 * args.n_layers * (args.n_kv_heads // mp_size) * args.head_dim * dtype.itemsize
+    return per_token * args.max_batch_size * args.max_seq_len
+
+
+def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    need, free = kv_cache_bytes(args, mp_size, dtype), available_memory(device)
+    if free is not None and need > 0.9 * free:
+        gib = 2**30
+        raise MemoryError(
+            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} needs "
+            f"{need / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB is free after loading the weights: "
+            f"lower max_batch_size or max_seq_len (the cache grows with their product), or use more processes")
+
+
 def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
     """Swap each tensor into the model as it arrives, so the placeholder it replaces is freed
-    before the next one is read: loading never holds two copies of the weights."""
+    before the next one is read: loading never holds two copies of the weights. A weight with
+    NaN or inf is refused by name rather than left to turn into garbage text."""
     expected = {name: t.shape for name, t in model.state_dict().items()}  # shapes only: no references
     seen = set()
     for name, tensor in tensors:
         if tensor.shape != expected.get(name):
             raise CheckpointError(f"{source}: {name} of shape {tuple(tensor.shape)} does not fit the model "
                                   f"(expected {expected.get(name)})")
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
+                                 "or convert it again")
         module, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module), leaf, torch.nn.Parameter(tensor, requires_grad=False))
         seen.add(name)

@@ -4,7 +4,7 @@ import torch
 
 from conftest import random_model
 from llama import Llama, LogitsError
-from llama.numerics import locate_nonfinite, nonfinite_tensors
+from llama.numerics import NonFiniteError, locate_nonfinite, nonfinite_tensors
 
 
 def test_nonfinite_weights_are_named():
@@ -34,3 +34,16 @@ def test_float16_overflow_during_generation_names_the_layer(tiny_ckpt):
         w3.mul_(1e5)  # past float16's 65504
     with pytest.raises(LogitsError, match=r"First non-finite output: layers\.1\.feed_forward\.w3 "):
         g.text_completion(["The cat"], temperature=0, max_gen_len=4)
+
+
+def test_checkpoint_with_nan_weights_is_refused_by_name(tiny_ckpt, tmp_path):
+    from llama.checkpoint import load_shard, write_checkpoint
+    import json
+
+    sd = dict(load_shard(tiny_ckpt / "consolidated.00.pth"))
+    sd["layers.0.attention.wk.weight"] = sd["layers.0.attention.wk.weight"].clone()
+    sd["layers.0.attention.wk.weight"][0, 0] = float("nan")
+    bad = write_checkpoint(tmp_path / "nan", json.loads((tiny_ckpt / "params.json").read_text()), sd,
+                           tokenizer_path=tiny_ckpt / "tokenizer.model")
+    with pytest.raises(NonFiniteError, match="layers.0.attention.wk.weight holds NaN or inf"):
+        Llama.build(str(bad), max_seq_len=16, max_batch_size=1)
