@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
-from typing import Callable, Optional, Tuple, TypeVar, Union
+import pickle
+from typing import Any, Callable, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -88,12 +90,14 @@ class RankError(RuntimeError):
 _MIRRORED = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, OSError, MemoryError)}
 
 
-def on_every_rank(step: Callable[[], T]) -> T:
+def on_every_rank(step: Callable[[], T], same: Any = None, what: str = "arguments") -> T:
     """Run `step` here, then agree with every other rank on whether it failed anywhere.
 
-    A failure only one rank sees (its own shard unreadable, its own memory short) would leave the
-    other ranks blocked in their next collective. One small all_gather instead makes every rank
-    raise the first failing rank's error, so they all stop together with the same message.
+    A failure only one rank sees (its own shard unreadable, its own memory short, its own bad
+    prompt) would leave the other ranks blocked in their next collective. One small all_gather
+    instead makes every rank raise the first failing rank's error, so they all stop together with
+    the same message. `same`, when given, must be equal on every rank (e.g. the prompts): ranks that
+    were handed different inputs would otherwise run different collectives and hang.
     """
     error: Optional[BaseException] = None
     try:
@@ -105,10 +109,15 @@ def on_every_rank(step: Callable[[], T]) -> T:
             raise error
         return result
     report = None if error is None else (type(error).__name__, str(error))
+    digest = None if same is None else hashlib.sha256(pickle.dumps(same)).hexdigest()
     reports: list = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, report)
-    failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    dist.all_gather_object(reports, (report, digest))
+    failed = [(rank, r) for rank, (r, _) in enumerate(reports) if r is not None]
     if not failed:
+        differ = [rank for rank, (_, d) in enumerate(reports) if d != reports[0][1]]
+        if differ:
+            raise ValueError(f"rank {differ[0]} was given different {what} than rank 0: every rank must make "
+                             "the same call with the same inputs")
         return result
     rank, (kind, message) = failed[0]
     if rank == dist.get_rank():

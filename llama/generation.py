@@ -384,16 +384,22 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> Tuple[List[_Row], Iterator[None]]:
-        """Check every argument, then set up one row per prompt and the (not yet started) decoding
-        loop. A row gets a TextStream decoding after its context, or none where the context is None."""
-        check_sampling(temperature, top_p, top_k)
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
-        self._check_prompts(prompt_tokens)
-        stops = check_stop(stop)
-        extra = list(stop_tokens or [])
-        if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
-            raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
+        """Check every argument (agreeing with the other ranks that they got the same, valid ones),
+        then set up one row per prompt and the (not yet started) decoding loop. A row gets a
+        TextStream decoding after its context, or none where the context is None."""
+
+        def check() -> Tuple[List[str], List[int]]:
+            check_sampling(temperature, top_p, top_k)
+            if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+                raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
+            self._check_prompts(prompt_tokens)
+            extra = list(stop_tokens or [])
+            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
+                raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
+            return check_stop(stop), extra
+
+        same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo)
+        stops, extra = on_every_rank(check, same, what="prompts or sampling arguments")
         rows = [_Row(p, min(max_gen_len, self.max_seq_len - len(p)),
                      None if ctx is None else TextStream(self.tokenizer, ctx, stops))
                 for p, ctx in zip(prompt_tokens, contexts)]
@@ -597,6 +603,14 @@ class Llama:
         One forward pass per `max_batch_size` pairs. Under model parallelism every rank holds the
         same gathered logits, so every rank returns the same scores.
         """
+        seqs, starts = on_every_rank(lambda: self._check_pairs(pairs), same=pairs, what="pairs")
+        scores: List[Score] = []
+        for b in range(0, len(seqs), self.max_batch_size):
+            scores += self._score_batch(seqs[b : b + self.max_batch_size], starts[b : b + self.max_batch_size])
+        return scores
+
+    def _check_pairs(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> Tuple[List[List[int]], List[int]]:
+        """Each pair's whole token sequence and where its continuation starts."""
         if not isinstance(pairs, (list, tuple)) or not pairs:
             raise ValueError("pairs must be a non-empty list of (context, continuation) token lists")
         seqs, starts = [], []
@@ -610,10 +624,7 @@ class Llama:
             self._check_tokens(f"pair {i} (context + continuation)", context + continuation)
             seqs.append(context + continuation)
             starts.append(len(context))
-        scores: List[Score] = []
-        for b in range(0, len(seqs), self.max_batch_size):
-            scores += self._score_batch(seqs[b : b + self.max_batch_size], starts[b : b + self.max_batch_size])
-        return scores
+        return seqs, starts
 
     def _score_batch(self, seqs: List[List[int]], starts: List[int]) -> List[Score]:
         B, T = len(seqs), max(len(s) for s in seqs)

@@ -46,3 +46,14 @@ def test_bad_build_input_fails_on_both_ranks(tiny_ckpt2):
     assert proc.returncode != 0
     assert proc.stderr.count("norm.weight holds NaN or inf") == 1, proc.stderr[-2000:]
     assert "error: rank 1:" in proc.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("different", "rank 1 was given different prompts or sampling arguments than rank 0"),
+    ("too long", "rank 1: prompt 0 has"),
+])
+def test_a_prompt_only_one_rank_got_stops_both(tiny_ckpt2, case, message):
+    proc = torchrun(2, "tests/mismatch_worker.py", str(tiny_ckpt2), case, timeout=90)
+    assert proc.returncode != 0
+    assert f"rank 0 raised: {message}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "rank 1 raised" in proc.stdout
