@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from llama.checkpoint import CheckpointError, find_shards, load_params, load_rank_state_dict
 from llama.distributed import env_world_size, resolve_device, resolve_dtype, setup_model_parallel
 from llama.model import ModelArgs, Transformer
+from llama.quantize import check_mode, prepare_for_state_
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint for this process's model-parallel rank.
 
@@ -93,6 +96,7 @@ class Llama:
         _check_positive_int("model_parallel_size", mp_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        check_mode(quantize)
 
         params = load_params(ckpt_dir)
         shards = find_shards(ckpt_dir)
@@ -116,11 +120,13 @@ class Llama:
         rank, mp_size = setup_model_parallel(mp_size, device)
         state = load_rank_state_dict(ckpt_dir, rank, mp_size)
         model = Transformer(args)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        prepare_for_state_(model, state)  # int8 layout for a checkpoint from scripts/quantize.py
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
         _load_weights(model, state, shards[rank])
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
         model.setup_cache(max_batch_size, max_seq_len, device, dtype)
+        model.optimize_(quantize=quantize, compile=compile)
         log.info("loaded %s (%d shard(s), %s on %s) in %.2f s", ckpt_dir, len(shards), dtype, device,
                  time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed)
