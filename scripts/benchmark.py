@@ -20,7 +20,6 @@ from __future__ import annotations
 import json as jsonlib
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -71,18 +70,23 @@ def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Pat
         tokenizer.unlink(missing_ok=True)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in bytes. Not ru_maxrss: Linux carries that
+    over from the parent through fork and exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def _load_probe(ckpt_dir: str, build_kwargs: dict, queue) -> None:
-    before = _rss_bytes()
+    before = _memory("VmRSS")
     start = time.perf_counter()
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), **build_kwargs)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    queue.put(dict(load_s=seconds, weight_bytes=weight_bytes(generator.model), load_peak_rss_growth=peak - before))
+    load_peak = _memory("VmHWM")
+    generator.generate([[1]], max_gen_len=1, temperature=0)  # pages in every weight the load left mapped
+    peak = _memory("VmHWM")
+    queue.put(dict(load_s=seconds, weight_bytes=weight_bytes(generator.model), load_peak_rss_growth=load_peak - before,
+                   first_token_peak_rss_growth=peak - before))
 
 
 def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
@@ -93,7 +97,8 @@ def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
-    result["load_peak_rss_over_weights"] = result["load_peak_rss_growth"] / result["weight_bytes"]
+    for key in ("load", "first_token"):
+        result[f"{key}_peak_rss_over_weights"] = result[f"{key}_peak_rss_growth"] / result["weight_bytes"]
     return result
 
 
@@ -233,7 +238,8 @@ def table(report: dict) -> str:
         f"{c['shape'] or c['ckpt_dir']}  {c['dtype']}  compile={c['compile']}  quantize={c['quantize']}  "
         f"prompt {c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
         f"load {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
-        f"load peak RSS growth / weight bytes {load['load_peak_rss_over_weights']:.2f}",
+        f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
+        f"{load['first_token_peak_rss_over_weights']:.2f} after the first token",
         "",
         "| batch | impl | prefill tok/s | TTFT ms | decode tok/s per seq | decode tok/s total |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
