@@ -39,6 +39,9 @@ Region = List[Tuple[int, int]]  # per dimension, the [start, stop) a piece cover
 
 _COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
 _ROW = ("wo.weight", "w2.weight", "tok_embeddings.weight")
+# int8 checkpoints (llama.quantize) add one scale per output row of each linear weight: split with
+# the rows of a column-parallel weight, whole on every shard for a row-parallel one.
+_COLUMN_SCALES = tuple(n.replace(".weight", ".scales") for n in _COLUMN)
 _DERIVED = ("rope.freqs",)  # a RoPE table some Llama 1 checkpoints carry; the model computes its own
 
 
@@ -48,15 +51,16 @@ class CheckpointError(ValueError):
 
 def shard_dim(name: str) -> Optional[int]:
     """The dimension along which the model (and Llama 1/2 checkpoints) split tensor `name`; None if replicated."""
-    if name.endswith(_COLUMN):
+    if name.endswith(_COLUMN + _COLUMN_SCALES):
         return 0
     if name.endswith(_ROW):
         return 1
     return None
 
 
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of the whole model, in checkpoint order, with its unsplit (out, in) shape."""
+def full_shapes(args: ModelArgs, quantized: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the whole model, in checkpoint order, with its unsplit (out, in) shape; with
+    `quantized`, also each linear weight's per-row scales (`NAME.scales`, shape (out,))."""
     kv_dim = args.n_kv_heads * args.head_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
     for i in range(args.n_layers):
@@ -70,6 +74,9 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
             p + "attention_norm.weight": (args.dim,), p + "ffn_norm.weight": (args.dim,),
         })
     shapes.update({"norm.weight": (args.dim,), "output.weight": (args.vocab_size, args.dim)})
+    if quantized:
+        linears = [n for n, shape in shapes.items() if len(shape) == 2 and n != "tok_embeddings.weight"]
+        shapes.update({n[: -len(".weight")] + ".scales": shapes[n][:1] for n in linears})
     return shapes
 
 
@@ -266,6 +273,7 @@ class MetaCheckpoint:
                                   f"--num_shards {world_size}")
         # Memory-mapped: this reads each shard's metadata, not its weights.
         self.shards = [self._load(path) for path in self.files]
+        self.quantized = any(k.endswith(".scales") for k in self.shards[0])
         self.embedding_dim, vocab_size = self._embedding_split()
         params = dict(self.params)
         if isinstance(params.get("vocab_size", -1), int) and params.get("vocab_size", -1) <= 0:
@@ -290,8 +298,12 @@ class MetaCheckpoint:
             return 0, emb.shape[0] * n
         return 1, emb.shape[0]
 
+    @property
+    def names(self) -> List[str]:
+        return list(full_shapes(self.args, self.quantized))
+
     def _check_shapes(self) -> None:
-        shapes = full_shapes(self.args)
+        shapes = full_shapes(self.args, self.quantized)
         n = len(self.shards)
         for i, (path, sd) in enumerate(zip(self.files, self.shards)):
             check_names(sd, shapes, path, "the checkpoint is not a LLaMA checkpoint of this params.json")
@@ -312,7 +324,7 @@ class MetaCheckpoint:
         Slices follow the model's split (`shard_dim`); `embedding_dim` picks the embedding's.
         """
         n = len(self.shards)
-        shapes = full_shapes(self.args)
+        shapes = full_shapes(self.args, self.quantized)
 
         def dims(name: str) -> Tuple[Optional[int], Optional[int]]:  # (split in the files, split wanted)
             if name == "tok_embeddings.weight":
@@ -334,7 +346,8 @@ class MetaCheckpoint:
             # Replicated tensors are the same in every shard: read one copy.
             sources = needed if dims(name)[0] is not None else needed[:1]
             parts = [(held(name, i), self.shards[i][name]) for i in sources]
-            out = assemble(wanted(name), parts, dtype, device)
+            float_weight = parts[0][1].is_floating_point() and not name.endswith(".scales")
+            out = assemble(wanted(name), parts, dtype if float_weight else None, device)
             for _, t in parts:
                 release_pages(t)
             progress.add(out)

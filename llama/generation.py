@@ -21,6 +21,7 @@ from llama.distributed import (available_memory, env_world_size, on_every_rank, 
                                setup_model_parallel)
 from llama.model import ModelArgs, Transformer
 from llama.numerics import NonFiniteError, locate_nonfinite
+from llama.quantize import check_mode, prepare_for_state_
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,8 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -310,6 +313,7 @@ class Llama:
         _check_positive_int("model_parallel_size", mp_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        check_mode(quantize)
 
         ckpt = open_checkpoint(ckpt_dir, mp_size)
         tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
@@ -324,6 +328,8 @@ class Llama:
         rank, mp_size = setup_model_parallel(mp_size, device)
         with _skip_fairscale_init():
             model = Transformer(args)
+        if ckpt.quantized:
+            prepare_for_state_(model, ckpt.names)  # int8 layout for a checkpoint from scripts/quantize.py
 
         def load() -> None:  # what one rank can fail at alone: its own files, its own memory
             _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
@@ -333,6 +339,7 @@ class Llama:
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
         model.setup_cache(max_batch_size, max_seq_len, device, dtype)
+        model.optimize_(quantize=quantize, compile=compile)
         log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
                  time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed)
@@ -721,7 +728,9 @@ def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]
             raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
                                  "or convert it again")
         module, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module), leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        owner = model.get_submodule(module)
+        # int8 weights and their scales are buffers (llama.quantize); everything else a parameter
+        setattr(owner, leaf, tensor if leaf in owner._buffers else torch.nn.Parameter(tensor, requires_grad=False))
         seen.add(name)
     if seen != set(expected):
         raise CheckpointError(f"{source}: no weights for {sorted(set(expected) - seen)[:5]}")

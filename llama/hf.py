@@ -96,6 +96,7 @@ class HFCheckpoint:
     """A validated Hugging Face Llama folder; the same interface as checkpoint.MetaCheckpoint."""
 
     embedding_dim = 1  # written back to Meta's layout the Llama 1/2 way
+    quantized = False
 
     def __init__(self, folder: Path, world_size: int = 1):
         self.path = folder

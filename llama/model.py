@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,13 @@ from fairscale.nn.model_parallel.layers import (
     ParallelEmbedding,
     RowParallelLinear,
 )
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
 from torch import nn
+
+from llama.quantize import int8_linear, quantize_model_
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Reduce in float32: bf16/fp16 squares lose too much precision.
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -139,20 +144,58 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's checkpoints expect.
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's checkpoints expect, in float32.
 
     x: (B, T, H, D); freqs_cis: (B or 1, T, D/2, 2).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    cos = freqs_cis[..., 0].unsqueeze(2)  # (B, T, 1, D/2)
-    sin = freqs_cis[..., 1].unsqueeze(2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    if torch.compiler.is_compiling():  # inductor generates no code for complex numbers; real ops fuse
+        cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (B or 1, T, 1, D/2) each
+        x0, x1 = pairs.unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+    # Eager: one complex multiply instead of six real kernels.
+    rotation = torch.view_as_complex(freqs_cis.float()).unsqueeze(2)  # (B or 1, T, 1, D/2)
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
 
 
 def _model_parallel_size() -> int:
     return fs_init.get_model_parallel_world_size()
+
+
+def linear(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """What `layer(x)` computes for a fairscale column/row-parallel linear, for inference.
+
+    fairscale wraps every call in autograd Functions that only matter for training; at
+    model-parallel size 1 (`split` False) they are pure per-call overhead, so this is a bare
+    matmul. Split layers keep their all-reduce / all-gather. int8 layers (llama.quantize) carry
+    per-output-channel `scales`.
+    """
+    scales = getattr(layer, "scales", None)
+    y = F.linear(x, layer.weight) if scales is None else int8_linear(x, layer.weight, scales)
+    if not split:
+        return y
+    if isinstance(layer, RowParallelLinear):
+        return reduce_from_model_parallel_region(y)
+    return gather_from_model_parallel_region(y) if layer.gather_output else y
+
+
+def _fuse_columns(*layers: ColumnParallelLinear) -> ColumnParallelLinear:
+    """One column-parallel linear whose output is the layers' outputs side by side.
+
+    Each rank concatenates its own slices, so rank r's fused output is [a_r, b_r, ...]: the
+    caller splits it with the local sizes, at any model-parallel size.
+    """
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of local outs, in)
+    mp = _model_parallel_size()
+    fused = ColumnParallelLinear(layers[0].in_features, weight.shape[0] * mp, bias=False, gather_output=False,
+                                 init_method=_keep)
+    if weight.dtype == torch.int8:  # llama.quantize layout: int8 buffer plus per-row scales
+        del fused.weight
+        fused.register_buffer("weight", weight)
+        fused.register_buffer("scales", torch.cat([layer.scales for layer in layers]))
+    else:
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
 
 
 class Attention(nn.Module):
@@ -164,6 +207,7 @@ class Attention(nn.Module):
                 f"n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} must both be divisible by the "
                 f"model-parallel size {mp}: run with fewer processes"
             )
+        self.split = mp > 1
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = args.n_kv_heads // mp
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -172,60 +216,83 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.wqkv: Optional[ColumnParallelLinear] = None  # set by fuse_()
         self.register_buffer("cache_k", None, persistent=False)
         self.register_buffer("cache_v", None, persistent=False)
 
+    def fuse_(self) -> None:
+        """Replace wq, wk, wv by one wqkv: one matmul instead of three per step."""
+        if self.wqkv is None:
+            self.wqkv = _fuse_columns(self.wq, self.wk, self.wv)
+            del self.wq, self.wk, self.wv
+
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        # (B, S, Hkv, D): a step's keys (B, T, Hkv, D) are written without a transpose.
+        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is None:  # the reference layout, as stored in checkpoints
+            return linear(self.wq, x, self.split), linear(self.wk, x, self.split), linear(self.wv, x, self.split)
+        kv_width = self.n_local_kv_heads * self.head_dim
+        q, k, v = linear(self.wqkv, x, self.split).split([self.n_local_heads * self.head_dim, kv_width, kv_width], -1)
+        return q, k, v
 
     def forward(
         self,
         x: torch.Tensor,
         freqs_cis: torch.Tensor,
-        positions: Union[int, torch.Tensor],
+        positions: Union[int, Tuple[torch.Tensor, torch.Tensor]],
         mask: Optional[torch.Tensor],
         kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = self.qkv(x)
+        q = apply_rotary_emb(q.view(B, T, self.n_local_heads, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(k.view(B, T, self.n_local_kv_heads, self.head_dim), freqs_cis)
+        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
 
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if isinstance(positions, int):
-            self.cache_k[:B, :, positions : positions + T] = k
-            self.cache_v[:B, :, positions : positions + T] = v
-        else:  # positions: (B, T), one row of absolute positions per sequence
-            rows = torch.arange(B, device=x.device).unsqueeze(1)  # (B, 1)
-            self.cache_k[rows, :, positions] = k.transpose(1, 2)  # index_put wants (B, T, Hkv, D)
-            self.cache_v[rows, :, positions] = v.transpose(1, 2)
-        keys = self.cache_k[:B, :, :kv_len]  # (B, Hkv, S, D)
-        values = self.cache_v[:B, :, :kv_len]
+            self.cache_k[:B, positions : positions + T] = k
+            self.cache_v[:B, positions : positions + T] = v
+        else:  # (rows (B, 1), positions (B, T)): each sequence at its own positions
+            self.cache_k.index_put_(positions, k)
+            self.cache_v.index_put_(positions, v)
+        keys = self.cache_k[:B, :kv_len].transpose(1, 2)  # (B, Hkv, S, D), a view
+        values = self.cache_v[:B, :kv_len].transpose(1, 2)
 
         # Grouped-query attention without copying the cache: fold the n_rep query heads that
         # share a kv head into the query-length axis. Query head h uses kv head h // n_rep.
         q = q.view(B, T, self.n_local_kv_heads, self.n_rep, self.head_dim)
         q = q.permute(0, 2, 3, 1, 4).reshape(B, self.n_local_kv_heads, self.n_rep * T, self.head_dim)
-        if mask is not None:  # (B or 1, 1, T, S) -> (B or 1, 1, n_rep * T, S)
-            mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).flatten(2, 3)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, Hkv, n_rep*T, D)
         out = out.view(B, self.n_local_kv_heads, self.n_rep, T, self.head_dim)
         out = out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_local_heads * self.head_dim)
-        return self.wo(out)
+        return linear(self.wo, out, self.split)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        self.split = _model_parallel_size() > 1
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w13: Optional[ColumnParallelLinear] = None  # set by fuse_()
+
+    def fuse_(self) -> None:
+        """Replace w1, w3 by one w13: one matmul instead of two per step."""
+        if self.w13 is None:
+            self.w13 = _fuse_columns(self.w1, self.w3)
+            del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:  # the reference layout, as stored in checkpoints
+            gate, up = linear(self.w1, x, self.split), linear(self.w3, x, self.split)
+        else:
+            gate, up = linear(self.w13, x, self.split).chunk(2, dim=-1)
+        return linear(self.w2, F.silu(gate) * up, self.split)
 
 
 class TransformerBlock(nn.Module):
@@ -251,12 +318,50 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
+        self.split = _model_parallel_size() > 1
         self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
         freqs = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta, params.rope_scaling)
         self.register_buffer("freqs_cis", freqs, persistent=False)
+        self.register_buffer("seq_index", None, persistent=False)  # arange(max_seq_len), for masks
+        self.register_buffer("batch_index", None, persistent=False)  # arange(max_batch_size), for cache writes
+        self.compiled_step = None  # set by compile_decode_()
+
+    def fuse_(self) -> "Transformer":
+        """Fuse wq/wk/wv and w1/w3 of every layer (after loading: checkpoints keep the separate names)."""
+        for layer in self.layers:
+            layer.attention.fuse_()
+            layer.feed_forward.fuse_()
+        return self
+
+    def optimize_(self, quantize: Optional[str] = None, compile: bool = False) -> "Transformer":
+        """Ready a loaded model for fast inference: quantize, fuse, compile, as asked and where it pays."""
+        if quantize is not None:
+            quantize_model_(self)
+        # Fusing copies the fused weights (2/3 of them). That is free where loading copied them anyway
+        # (to a GPU, into int8), but on CPU a checkpoint in the model's dtype stays memory-mapped, and
+        # the copies would hold ~1.6x the weight bytes to save a few microseconds per step: there it
+        # fuses only for torch.compile, which exists to cut per-call overhead.
+        if compile or quantize is not None or self.tok_embeddings.weight.device.type != "cpu":
+            self.fuse_()
+        if compile:
+            self.compile_decode_()
+        return self
+
+    def compile_decode_(self) -> "Transformer":
+        """Compile the one-token decode step (`hidden` with (B, 1) tokens and (B,) positions).
+
+        The compiled step attends to the whole cache under a mask instead of the first `kv_len`
+        keys, so every step has the same shapes and it compiles once per batch size.
+        """
+        # Every call reads the same modules: checking their guards would cost more than a small
+        # model's whole step, so they are skipped (compile again after replacing a weight).
+        skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.compiled_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
+                                           options=skip_module_guards)
+        return self
 
     def setup_cache(
         self,
@@ -265,19 +370,22 @@ class Transformer(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Allocate every layer's KV cache: (max_batch_size, local kv heads, max_seq_len, head_dim)."""
+        """Allocate every layer's KV cache: (max_batch_size, max_seq_len, local kv heads, head_dim)."""
         weight = self.tok_embeddings.weight
         max_batch_size = max_batch_size or self.params.max_batch_size
         max_seq_len = max_seq_len or self.params.max_seq_len
         if max_seq_len > self.freqs_cis.shape[0]:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {self.freqs_cis.shape[0]}")
+        device = device or weight.device
         for layer in self.layers:
-            layer.attention.setup_cache(max_batch_size, max_seq_len, device or weight.device, dtype or weight.dtype)
+            layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype or weight.dtype)
+        self.seq_index = torch.arange(max_seq_len, device=device)
+        self.batch_index = torch.arange(max_batch_size, device=device)
 
     @property
     def cache_shape(self) -> Optional[tuple]:
         cache = self.layers[0].attention.cache_k
-        return None if cache is None else (cache.shape[0], cache.shape[2])
+        return None if cache is None else (cache.shape[0], cache.shape[1])
 
     def hidden(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, kv_len: Optional[int] = None
@@ -294,30 +402,43 @@ class Transformer(nn.Module):
         max_batch, max_seq = self.cache_shape
         if B > max_batch:
             raise ValueError(f"batch of {B} exceeds the cache's max_batch_size={max_batch}")
-        device = tokens.device
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + T > max_seq:
                 raise ValueError(f"positions {start_pos}..{start_pos + T - 1} fall outside max_seq_len={max_seq}")
-            positions: Union[int, torch.Tensor] = start_pos
             kv_len = start_pos + T
             freqs_cis = self.freqs_cis[start_pos : start_pos + T].unsqueeze(0)  # (1, T, D/2, 2)
             mask = None
             if T > 1:  # causal, offset by start_pos: query t sees keys 0..start_pos+t
-                query_pos = torch.arange(start_pos, start_pos + T, device=device)
-                mask = (torch.arange(kv_len, device=device) <= query_pos[:, None])[None, None]  # (1, 1, T, S)
-        else:
-            positions = start_pos.to(device).view(B, 1) + torch.arange(T, device=device)  # (B, T)
-            kv_len = kv_len or max_seq
-            freqs_cis = self.freqs_cis[positions]  # (B, T, D/2, 2)
-            mask = (torch.arange(kv_len, device=device) <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S)
+                query_pos = self.seq_index[start_pos : start_pos + T]
+                mask = (self.seq_index[:kv_len] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
+            return self._run(tokens, freqs_cis, start_pos, mask, kv_len)
+        if T == 1 and self.compiled_step is not None:
+            return self.compiled_step(tokens, start_pos)
+        return self._run_at(tokens, start_pos, kv_len or max_seq)
 
-        h = self.tok_embeddings(tokens)
+    def _decode_step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        return self._run_at(tokens, start_pos, self.cache_shape[1])
+
+    def _run_at(self, tokens: torch.Tensor, start_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """`hidden` for per-row positions: tokens (B, T) start at start_pos (B,)."""
+        B, T = tokens.shape
+        positions = start_pos.to(tokens.device).view(B, 1) + self.seq_index[:T]  # (B, T)
+        freqs_cis = self.freqs_cis[positions]  # (B, T, D/2, 2)
+        mask = (self.seq_index[:kv_len] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S)
+        return self._run(tokens, freqs_cis, (self.batch_index[:B, None], positions), mask, kv_len)
+
+    def _run(self, tokens, freqs_cis, positions, mask, kv_len) -> torch.Tensor:
+        if mask is not None:  # attention folds n_rep query heads into the query axis: (., 1, n_rep*T, S)
+            mask = mask.repeat(1, 1, self.layers[0].attention.n_rep, 1)
+        h = F.embedding(tokens, self.tok_embeddings.weight)  # (B, T, dim): the local slice of dim
+        if self.split:
+            h = gather_from_model_parallel_region(h)
         for layer in self.layers:
             h = layer(h, freqs_cis, positions, mask, kv_len)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(h).float()
+        return linear(self.output, h, self.split).float()
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
         """Float32 logits (B, T, vocab_size) for every position of `tokens`."""

@@ -1,0 +1,285 @@
+"""Load and decode speed of `Llama`, optionally against transformers' LlamaForCausalLM on the same weights.
+
+    python scripts/benchmark.py --shape stories260k --batch 1 --gen_len 256 --compare hf
+    python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --gen_len 16 --compare hf
+    python scripts/benchmark.py --ckpt_dir /tmp/stories260K --compile
+    python scripts/benchmark.py --smoke            # tiny shape, a few tokens: seconds (CI runs it)
+
+A --shape gets random weights, written once to CACHE_DIR/<shape>-<dtype> (default
+~/.cache/llama-bench) in Meta's layout, so loading is measured from disk like a real checkpoint.
+Loading runs in a fresh process; its peak RSS growth over the weight bytes shows what the load
+copies (memory-mapped weights it does not copy are paged in by the first forward instead).
+Each round runs one greedy generate per batch size: the time until the first logits is the
+prefill (time to first token), the rest is decode. With --compare hf the same rounds run
+transformers' generate on the same weights, alternating with ours, and the ratios ours/HF are
+given as median [min-max] over rounds. Progress goes to stderr, the table (or with --json, a
+JSON object) to stdout.
+"""
+from __future__ import annotations
+
+import json as jsonlib
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import fire
+import torch
+
+from llama import Llama
+from llama.checkpoint import find_shards, load_params, load_shard, merge_state_dicts, meta_to_hf, write_checkpoint
+from llama.distributed import resolve_dtype
+from llama.model import ModelArgs
+from llama.quantize import weight_bytes
+from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
+
+SHAPES = {
+    "tiny": {**TINY_PARAMS, "vocab_size": 512},
+    "stories260k": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, norm_eps=1e-5),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, multiple_of=256,
+                           norm_eps=1e-5),
+}
+DEFAULT_CACHE = Path.home() / ".cache" / "llama-bench"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """Random weights of a named shape in `dtype`, written once (atomically) and reused."""
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r} is not one of {sorted(SHAPES)}")
+    out = cache_dir / f"{shape}-{str(dtype).removeprefix('torch.')}"
+    if out.is_dir():
+        return out
+    progress(f"writing random {shape} weights to {out} (once)")
+    params = SHAPES[shape]
+    state = random_state_dict(ModelArgs.from_params(params), seed=0, std=0.02)
+    for name in state:  # one tensor at a time, to keep the peak low
+        state[name] = state[name].to(dtype)
+    tokenizer = cache_dir / f".{shape}.tokenizer.model"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(tokenizer)  # prompts are random ids: any tokenizer with few enough pieces will do
+    try:
+        return write_checkpoint(out, params, state, tokenizer_path=tokenizer)
+    finally:
+        tokenizer.unlink(missing_ok=True)
+
+
+def _memory(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in bytes. Not ru_maxrss: Linux carries that
+    over from the parent through fork and exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _load_probe(ckpt_dir: str, build_kwargs: dict, queue) -> None:
+    before = _memory("VmRSS")
+    start = time.perf_counter()
+    generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), **build_kwargs)
+    seconds = time.perf_counter() - start
+    load_peak = _memory("VmHWM")
+    generator.generate([[1]], max_gen_len=1, temperature=0)  # pages in every weight the load left mapped
+    peak = _memory("VmHWM")
+    queue.put(dict(load_s=seconds, weight_bytes=weight_bytes(generator.model), load_peak_rss_growth=load_peak - before,
+                   first_token_peak_rss_growth=peak - before))
+
+
+def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
+    """Llama.build in a fresh process: seconds, weight bytes, and peak RSS growth over the weight bytes."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_probe, args=(ckpt_dir, {**build_kwargs, "compile": False}, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    for key in ("load", "first_token"):
+        result[f"{key}_peak_rss_over_weights"] = result[f"{key}_peak_rss_growth"] / result["weight_bytes"]
+    return result
+
+
+def hf_model(ckpt_dir: str, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding the checkpoint's weights (converted by meta_to_hf)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    p = ModelArgs.from_params(load_params(ckpt_dir))
+    config = transformers.LlamaConfig(
+        vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.hidden_dim, num_hidden_layers=p.n_layers,
+        num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads, rms_norm_eps=p.norm_eps,
+        rope_theta=p.rope_theta, max_position_embeddings=p.max_seq_len, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    full = merge_state_dicts([load_shard(path) for path in find_shards(ckpt_dir)])
+    hf_state = {k: v.to(dtype) for k, v in meta_to_hf(full, p.n_heads, p.n_kv_heads).items()}
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(hf_state, assign=True, strict=False)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were made on the meta device
+    return model.eval().requires_grad_(False)
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, generator: Llama):
+        self.generator = generator
+
+    def generate(self, prompts: torch.Tensor, n: int, marks: List[float]) -> List[List[int]]:
+        model = self.generator.model
+        logits = model.logits
+
+        def marked(h: torch.Tensor) -> torch.Tensor:  # the first call ends the prefill
+            out = logits(h)
+            marks.append(time.perf_counter())
+            return out
+
+        model.logits = marked
+        try:
+            return self.generator.generate(prompts.tolist(), max_gen_len=n, temperature=0)[0]
+        finally:
+            del model.logits  # back to the class's method
+
+
+class HF:
+    name = "hf"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def generate(self, prompts: torch.Tensor, n: int, marks: List[float]) -> List[List[int]]:
+        def marked(input_ids, scores):  # a logits processor: first called right after the prefill
+            marks.append(time.perf_counter())
+            return scores
+
+        out = self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                  do_sample=False, eos_token_id=2, pad_token_id=0, logits_processor=[marked])
+        rows = out[:, prompts.shape[1]:].tolist()
+        return [row[: row.index(2)] if 2 in row else row for row in rows]
+
+
+def time_round(runner, prompts: torch.Tensor, gen_len: int) -> dict:
+    """One timed generate: the prefill up to the first logits, then the decode of the other tokens."""
+    B, T = prompts.shape
+    marks: List[float] = []
+    start = time.perf_counter()
+    tokens = runner.generate(prompts, gen_len, marks)
+    end = time.perf_counter()
+    ttft, decode_s = marks[0] - start, end - marks[0]
+    decoded = sum(max(len(row) - 1, 0) for row in tokens)  # the first token of each row comes from the prefill
+    return dict(ttft_s=ttft, prefill_tok_s=B * T / ttft, decode_tok_s_total=decoded / decode_s,
+                decode_tok_s_per_seq=decoded / decode_s / B, tokens=tokens)
+
+
+def _median_range(values: List[float]) -> Dict[str, float]:
+    return dict(median=statistics.median(values), min=min(values), max=max(values))
+
+
+def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
+        prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
+        quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
+        threads: Optional[int] = None, seed: int = 0) -> dict:
+    if (ckpt_dir is None) == (shape is None):
+        raise ValueError("pass exactly one of --ckpt_dir and --shape")
+    if compare not in (None, "hf"):
+        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
+    batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    if shape is not None:
+        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+    build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device="cpu",
+                        dtype=torch_dtype, quantize=quantize)
+
+    progress(f"measuring the load of {ckpt_dir} in a fresh process")
+    load = measure_load(ckpt_dir, build_kwargs)
+    ours = Ours(Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), compile=compile, **build_kwargs))
+    runners = [ours]
+    if compare == "hf":
+        progress("building transformers' LlamaForCausalLM on the same weights")
+        runners.append(HF(hf_model(ckpt_dir, torch_dtype)))
+
+    vocab = ours.generator.model.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for B in batches:
+        prompts = torch.randint(3, vocab, (B, prompt_len), generator=gen)
+        for runner in runners:  # warm-up (and compilation) outside the timed rounds
+            progress(f"batch {B}: warm-up {runner.name}")
+            runner.generate(prompts, min(gen_len, 4), [])
+        samples: Dict[str, list] = {r.name: [] for r in runners}
+        for i in range(rounds):
+            for runner in runners:  # alternate, so drifting machine load hits both alike
+                progress(f"batch {B}: round {i + 1}/{rounds} {runner.name}")
+                samples[runner.name].append(time_round(runner, prompts, gen_len))
+        row = dict(batch=B)
+        for name, rs in samples.items():
+            row[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "tokens"}
+        if compare == "hf":
+            row["same_tokens"] = all(o["tokens"] == h["tokens"] for o, h in zip(samples["ours"], samples["hf"]))
+            row["ratio"] = {k: _median_range([o[k] / h[k] for o, h in zip(samples["ours"], samples["hf"])])
+                            for k in ("prefill_tok_s", "decode_tok_s_total")}
+        results.append(row)
+    config = dict(ckpt_dir=ckpt_dir, shape=shape, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
+                  quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
+                  threads=torch.get_num_threads(), torch=torch.__version__)
+    return dict(config=config, load=load, results=results)
+
+
+def table(report: dict) -> str:
+    c, load = report["config"], report["load"]
+    lines = [
+        f"{c['shape'] or c['ckpt_dir']}  {c['dtype']}  compile={c['compile']}  quantize={c['quantize']}  "
+        f"prompt {c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
+        f"load {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
+        f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
+        f"{load['first_token_peak_rss_over_weights']:.2f} after the first token",
+        "",
+        "| batch | impl | prefill tok/s | TTFT ms | decode tok/s per seq | decode tok/s total |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["results"]:
+        for name in ("ours", "hf"):
+            if name in row:
+                r = row[name]
+                lines.append(f"| {row['batch']} | {name} | {r['prefill_tok_s']:.0f} | {r['ttft_s'] * 1e3:.1f} | "
+                             f"{r['decode_tok_s_per_seq']:.1f} | {r['decode_tok_s_total']:.1f} |")
+        if "ratio" in row:
+            cells = [f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]" for v in row["ratio"].values()]
+            lines.append(f"| {row['batch']} | ours/hf | {cells[0]} | | | {cells[1]} |")
+    ratios = [row for row in report["results"] if "same_tokens" in row]
+    if ratios:
+        lines.append("")
+        lines.append("same greedy tokens as transformers (expected in float32 only): " + ", ".join(
+            f"batch {r['batch']}: {'yes' if r['same_tokens'] else 'no'}" for r in ratios))
+    return "\n".join(lines)
+
+
+def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
+         prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
+         quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
+         threads: Optional[int] = None, json: bool = False, smoke: bool = False) -> None:
+    if smoke:  # CI: the tiny shape, a few tokens, against transformers
+        shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
+    report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
+                 cache_dir, threads)
+    if json:
+        for row in report["results"]:
+            row.pop("tokens", None)
+        print(jsonlib.dumps(report, indent=2))
+    else:
+        print(table(report))
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire(main)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,27 @@
+"""scripts/benchmark.py in its smoke mode: the tiny shape against transformers, a few tokens."""
+import json
+
+from conftest import run_python
+
+
+def test_benchmark_smoke(tmp_path):
+    proc = run_python("scripts/benchmark.py", "--smoke", "--json", "--cache_dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert "round 1/1 hf" in proc.stderr  # progress goes to stderr, only the report to stdout
+    assert (tmp_path / "tiny-float32" / "consolidated.00.pth").is_file()  # the cached random weights
+    load = report["load"]
+    assert load["load_s"] > 0 and load["weight_bytes"] > 0 and load["load_peak_rss_growth"] > 0
+    assert [row["batch"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["same_tokens"], "greedy tokens differ from transformers on the same weights"
+        for impl in ("ours", "hf"):
+            assert row[impl]["decode_tok_s_total"] > 0 and row[impl]["ttft_s"] > 0
+        assert row["ratio"]["decode_tok_s_total"]["min"] > 0
+
+
+def test_benchmark_bad_flags(tmp_path):
+    proc = run_python("scripts/benchmark.py", "--shape", "gpt5", "--cache_dir", str(tmp_path))
+    assert proc.returncode == 1 and "gpt5" in proc.stderr and "tinyllama-1.1b" in proc.stderr
+    proc = run_python("scripts/benchmark.py")
+    assert proc.returncode == 1 and "--ckpt_dir" in proc.stderr

@@ -1,0 +1,81 @@
+"""Weight-only int8: quality on the real stories260K model, and the same int8 model from every route."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_python, torchrun
+from llama import Llama
+
+PROMPT = [1, 5, 9, 200, 31, 7, 64]
+
+
+def _build(ckpt, **kwargs) -> Llama:
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=256, max_batch_size=2, device="cpu",
+                       **kwargs)
+
+
+def test_int8_stories260k_quality(stories_ckpt):
+    """Teacher-forced on the float32 model's greedy story: top-1 agreement >= 97%, perplexity within 2%."""
+    ref, q = _build(stories_ckpt), _build(stories_ckpt, quantize="int8")
+    assert q.model.layers[0].feed_forward.w13.weight.dtype == torch.int8
+    story, _ = ref.generate([[ref.tokenizer.bos_id]], max_gen_len=255, temperature=0)
+    tokens = torch.tensor([[ref.tokenizer.bos_id] + story[0]])
+    assert tokens.shape[1] > 200
+    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
+    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
+    targets = tokens[0, 1:]
+    ppl_ref = F.cross_entropy(ref_logits, targets).exp().item()
+    ppl_q = F.cross_entropy(q_logits, targets).exp().item()
+    print(f"int8 top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs float32 {ppl_ref:.4f}")
+    assert agreement >= 0.97
+    assert abs(ppl_q / ppl_ref - 1) <= 0.02
+    assert not torch.equal(q_logits, ref_logits)  # it really is another model
+
+
+def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
+    out = tmp_path / "int8"
+    proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(out), "--mode", "int8")
+    assert proc.returncode == 0, proc.stderr
+    shard = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert shard["layers.0.attention.wq.weight"].dtype == torch.int8 and "layers.0.attention.wq.scales" in shard
+    tokens = torch.tensor([PROMPT])
+    at_load = _build(tiny_ckpt, quantize="int8").model(tokens, 0)
+    torch.testing.assert_close(_build(out).model(tokens, 0), at_load, atol=0, rtol=0)
+    float_logits = _build(tiny_ckpt).model(tokens, 0)
+    assert (at_load - float_logits).abs().max() < 0.02 * float_logits.abs().max()  # close, not equal
+
+
+def test_quantize_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="int4"):
+        _build(tiny_ckpt, quantize="int4")
+    proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tmp_path / "q"), "--mode", "int4")
+    assert proc.returncode == 1 and "int4" in proc.stderr and not (tmp_path / "q").exists()
+    proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tiny_ckpt))
+    assert proc.returncode == 1 and "already exists" in proc.stderr
+
+
+def test_two_shards_quantize_like_one(tiny_ckpt, tiny_ckpt2, tmp_path):
+    """Row-parallel scales span every rank's part of a row, so 2 processes hold the 1-process int8 model,
+    whether they quantize at load or load a 2-shard checkpoint from scripts/quantize.py."""
+    quantized2 = tmp_path / "int8x2"
+    assert run_python("scripts/quantize.py", str(tiny_ckpt2), str(quantized2)).returncode == 0
+    proc = torchrun(2, "tests/test_quantize.py", str(tiny_ckpt2), str(quantized2), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _build(tiny_ckpt, quantize="int8").model(torch.tensor([PROMPT]), 0)
+    for rank in range(2):
+        at_load, from_ckpt = torch.load(tmp_path / f"out.rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(at_load, one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(from_ckpt, one, atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":  # the torchrun worker of test_two_shards_quantize_like_one
+    import torch.distributed as dist
+    from pathlib import Path
+
+    float_dir, int8_dir, out_prefix = map(Path, sys.argv[1:])
+    tokens = torch.tensor([PROMPT])
+    logits = [_build(float_dir, quantize="int8").model(tokens, 0), _build(int8_dir).model(tokens, 0)]
+    torch.save(logits, f"{out_prefix}.rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
