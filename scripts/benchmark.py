@@ -30,7 +30,8 @@ import fire
 import torch
 
 from llama import Llama
-from llama.checkpoint import find_shards, load_params, load_shard, merge_state_dicts, meta_to_hf, write_checkpoint
+from llama.checkpoint import meta_to_hf, open_checkpoint, write_checkpoint
+from llama.hf import params_to_config
 from llama.distributed import resolve_dtype
 from llama.model import ModelArgs
 from llama.quantize import weight_bytes
@@ -107,14 +108,10 @@ def hf_model(ckpt_dir: str, dtype: torch.dtype):
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    p = ModelArgs.from_params(load_params(ckpt_dir))
-    config = transformers.LlamaConfig(
-        vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.hidden_dim, num_hidden_layers=p.n_layers,
-        num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads, rms_norm_eps=p.norm_eps,
-        rope_theta=p.rope_theta, max_position_embeddings=p.max_seq_len, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    full = merge_state_dicts([load_shard(path) for path in find_shards(ckpt_dir)])
+    ckpt = open_checkpoint(ckpt_dir)
+    p = ckpt.args
+    config = transformers.LlamaConfig(**params_to_config(p, dtype), pad_token_id=0)
+    full = dict(ckpt.rank_tensors(0, 1))
     hf_state = {k: v.to(dtype) for k, v in meta_to_hf(full, p.n_heads, p.n_kv_heads).items()}
     with torch.device("meta"):  # no random init of weights that are replaced right away
         model = transformers.LlamaForCausalLM(config)
