@@ -339,7 +339,8 @@ class Llama:
         model.to(device)  # buffers (RoPE table)
         model.eval().requires_grad_(False)
         model.setup_cache(max_batch_size, max_seq_len, device, dtype)
-        model.optimize_(quantize=quantize, compile=compile)
+        with _skip_fairscale_init():  # fusing builds new parallel layers
+            model.optimize_(quantize=quantize, compile=compile)
         log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
                  time.perf_counter() - start)
         return Llama(model, tokenizer, seed=seed)

@@ -340,12 +340,9 @@ class Transformer(nn.Module):
         """Ready a loaded model for fast inference: quantize, fuse, compile, as asked and where it pays."""
         if quantize is not None:
             quantize_model_(self)
-        # Fusing copies the fused weights (2/3 of them). That is free where loading copied them anyway
-        # (to a GPU, into int8), but on CPU a checkpoint in the model's dtype stays memory-mapped, and
-        # the copies would hold ~1.6x the weight bytes to save a few microseconds per step: there it
-        # fuses only for torch.compile, which exists to cut per-call overhead.
-        if compile or quantize is not None or self.tok_embeddings.weight.device.type != "cpu":
-            self.fuse_()
+        # Loading gave every weight its own memory, so fusing layer by layer frees the parts as it
+        # goes: it never holds more than one extra layer.
+        self.fuse_()
         if compile:
             self.compile_decode_()
         return self

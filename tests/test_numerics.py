@@ -29,9 +29,9 @@ def test_locate_names_the_first_module_that_overflows_in_float16():
 def test_float16_overflow_during_generation_names_the_layer(tiny_ckpt):
     g = Llama.build(str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
                     dtype="float16")
-    w3 = g.model.layers[1].feed_forward.w3.weight
+    up = g.model.layers[1].feed_forward.w13.weight  # build fused w1 and w3
     with torch.no_grad():
-        w3.mul_(1e5)  # past float16's 65504
+        up.mul_(1e5)  # past float16's 65504
     with pytest.raises(LogitsError, match=r"First non-finite output: layers\.1\.feed_forward"):
         g.text_completion(["The cat"], temperature=0, max_gen_len=4)
 
