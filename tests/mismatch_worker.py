@@ -1,4 +1,5 @@
-"""Run under torchrun by test_reliability.py: rank 1 is handed a different or a bad prompt."""
+"""Run under torchrun by test_reliability.py: rank 1 is handed a different or a bad prompt, or
+crashes in the middle of generating."""
 import sys
 
 import torch.distributed as dist
@@ -9,7 +10,17 @@ from llama import Llama
 def main(ckpt_dir: str, case: str) -> None:
     g = Llama.build(ckpt_dir, max_seq_len=32, max_batch_size=2)
     prompt = "The cat"
-    if dist.get_rank() == 1:
+    if case == "crash" and dist.get_rank() == 1:
+        calls = iter(range(1000))
+        logits = g.model.logits
+
+        def failing(h):  # as an out-of-memory would, three steps in, on this rank only
+            if next(calls) == 3:
+                raise RuntimeError("simulated out of memory on rank 1")
+            return logits(h)
+
+        g.model.logits = failing
+    elif dist.get_rank() == 1:
         prompt = "The dog" if case == "different" else "word " * 100
     try:
         g.text_completion([prompt], temperature=0, max_gen_len=4)

@@ -57,3 +57,10 @@ def test_a_prompt_only_one_rank_got_stops_both(tiny_ckpt2, case, message):
     assert proc.returncode != 0
     assert f"rank 0 raised: {message}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "rank 1 raised" in proc.stdout
+
+
+def test_a_rank_that_crashes_mid_generation_ends_the_job(tiny_ckpt2):
+    """Rank 0 is then blocked in a collective; the job still ends, in seconds, with rank 1's error."""
+    proc = torchrun(2, "tests/mismatch_worker.py", str(tiny_ckpt2), "crash", timeout=60)  # a hang fails here
+    assert proc.returncode != 0
+    assert "simulated out of memory on rank 1" in proc.stderr
