@@ -340,9 +340,12 @@ class Transformer(nn.Module):
         """Ready a loaded model for fast inference: quantize, fuse, compile, as asked and where it pays."""
         if quantize is not None:
             quantize_model_(self)
-        # Loading gave every weight its own memory, so fusing layer by layer frees the parts as it
-        # goes: it never holds more than one extra layer.
-        self.fuse_()
+        # Fusing copies 2/3 of the weights. On a GPU the caching allocator reuses what the parts
+        # free; on CPU the C allocator keeps most of it (measured: resident memory 1.41x the bf16
+        # weights of a 1.1B model instead of 1.01x) to save a few microseconds a step, so plain CPU
+        # loads stay unfused and only torch.compile, which exists to cut per-call overhead, fuses there.
+        if compile or quantize is not None or self.tok_embeddings.weight.device.type != "cpu":
+            self.fuse_()
         if compile:
             self.compile_decode_()
         return self
