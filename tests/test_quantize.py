@@ -70,6 +70,17 @@ def test_two_shards_quantize_like_one(tiny_ckpt, tiny_ckpt2, tmp_path):
         torch.testing.assert_close(from_ckpt, one, atol=1e-5, rtol=1e-5)
 
 
+def test_a_quantized_checkpoint_reshards_on_load(tiny_ckpt, tiny_ckpt2, tmp_path):
+    """Column-parallel scales split with their rows, row-parallel ones are whole on every shard: a
+    2-shard int8 checkpoint merges on one process into the 1-shard int8 model."""
+    quantized2 = tmp_path / "int8x2"
+    assert run_python("scripts/quantize.py", str(tiny_ckpt2), str(quantized2)).returncode == 0
+    tokens = torch.tensor([PROMPT])
+    merged = Llama.build(str(quantized2), max_seq_len=256, max_batch_size=2, model_parallel_size=1)
+    torch.testing.assert_close(merged.model(tokens, 0), _build(tiny_ckpt, quantize="int8").model(tokens, 0),
+                               atol=1e-5, rtol=1e-5)
+
+
 if __name__ == "__main__":  # the torchrun worker of test_two_shards_quantize_like_one
     import torch.distributed as dist
     from pathlib import Path
