@@ -20,6 +20,7 @@ import torch.distributed as dist
 from example import run_cli, say
 from llama import Dialog, Llama
 from llama.distributed import env_rank
+from llama.generation import strip_reserved_tags
 
 
 def read_line() -> Optional[str]:
@@ -102,7 +103,8 @@ def main(
             say(pieces[0], end="", flush=True)
             answer.append(pieces[0])
         say()
-        history.append({"role": "assistant", "content": "".join(answer)})
+        # A reserved tag the model wrote would make every later prompt refuse the history.
+        history.append({"role": "assistant", "content": strip_reserved_tags(generator.tokenizer, "".join(answer))})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import tempfile
 from typing import Callable, List, Optional, Union
 
 import fire
+import torch
 
 from llama import Llama
 from llama.distributed import RankError, env_rank
@@ -122,7 +123,7 @@ def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
         fire.Fire(entry, command=argv)
-    except (ValueError, TypeError, OSError, MemoryError, RankError) as e:
+    except (ValueError, TypeError, OSError, MemoryError, torch.cuda.OutOfMemoryError, RankError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

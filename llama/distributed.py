@@ -35,9 +35,15 @@ def env_world_size() -> int:
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
     """`device` as given, else cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda" and not device.index < torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} is not available: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s); use 'cpu' or one of them")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -63,6 +69,10 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
     Returns (model-parallel rank, model-parallel size). A plain `python` run with no
     torchrun variables gets a private one-process group, so no port is opened.
     """
+    world = dist.get_world_size() if dist.is_initialized() else env_world_size()
+    if world % model_parallel_size:
+        raise ValueError(f"model_parallel_size={model_parallel_size} does not divide the {world} process(es) "
+                         f"started: launch with torchrun --nproc_per_node {model_parallel_size} (or a multiple)")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -124,6 +134,7 @@ def on_every_rank(step: Callable[[], T], same: Any = None, what: str = "argument
         raise error
     from llama.checkpoint import CheckpointError  # local: checkpoint imports nothing from here
 
+    kind = "MemoryError" if kind == "OutOfMemoryError" else kind  # torch's (a RuntimeError) reads as one
     cls = CheckpointError if kind == "CheckpointError" else _MIRRORED.get(kind, RankError)
     raise cls(f"rank {rank}: {message}" if cls is not RankError else f"rank {rank}: {kind}: {message}")
 

@@ -86,6 +86,8 @@ def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
 
 def check_stop(stop: Union[str, Sequence[str], None]) -> List[str]:
     """`stop` as a list of non-empty strings."""
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
@@ -228,6 +230,18 @@ class _Row:
 
 # Chat formats: the tokenizer's family decides.
 
+def reserved_tags(tokenizer: AnyTokenizer) -> Tuple[str, ...]:
+    """Text a dialog message may not contain in the tokenizer's chat format."""
+    return tuple(tokenizer.special_tokens) if isinstance(tokenizer, Llama3Tokenizer) else _LLAMA2_TAGS
+
+
+def strip_reserved_tags(tokenizer: AnyTokenizer, text: str) -> str:
+    """`text` without the chat format's reserved tags, e.g. a model's answer before it joins a history."""
+    for tag in reserved_tags(tokenizer):
+        text = text.replace(tag, "")
+    return text
+
+
 def encode_dialog(tokenizer: AnyTokenizer, dialog: Dialog) -> List[int]:
     """The prompt tokens asking the assistant to answer `dialog`, in the tokenizer's chat format."""
     if isinstance(tokenizer, Llama3Tokenizer):
@@ -238,7 +252,7 @@ def encode_dialog(tokenizer: AnyTokenizer, dialog: Dialog) -> List[int]:
 def _encode_llama2_dialog(tok: Tokenizer, dialog: Dialog) -> List[int]:
     """Llama 2: a system message folds into the first user turn; each finished (user, assistant)
     exchange is wrapped in BOS ... EOS; the last user turn is left open."""
-    _check_dialog(dialog, _LLAMA2_TAGS)
+    _check_dialog(dialog, reserved_tags(tok))
     if dialog[0]["role"] == "system":
         first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
         dialog = [first] + list(dialog[2:])
@@ -253,7 +267,7 @@ def _encode_llama2_dialog(tok: Tokenizer, dialog: Dialog) -> List[int]:
 def _encode_llama3_dialog(tok: Llama3Tokenizer, dialog: Dialog) -> List[int]:
     """Llama 3: <|begin_of_text|>, then each message as a role header, its content and <|eot_id|>;
     an open assistant header ends the prompt."""
-    _check_dialog(dialog, tuple(tok.special_tokens))
+    _check_dialog(dialog, reserved_tags(tok))
     tokens = [tok.bos_id]
     for m in dialog:
         tokens += _llama3_header(tok, m["role"]) + tok.encode(m["content"].strip(), bos=False, eos=False)
@@ -302,8 +316,9 @@ class Llama:
         A checkpoint of S shards runs on M model-parallel processes when S % M == 0 or M % S == 0;
         each rank reads only its slices. `tokenizer_path` defaults to CKPT_DIR/tokenizer.model.
         Sets up torch.distributed and fairscale when they are not set up yet (nccl on CUDA,
-        gloo on CPU; a plain `python` run is a world of one). Every argument and file is
-        checked before the first collective call, so a bad input fails on every rank alike.
+        gloo on CPU; a plain `python` run is a world of one). Arguments are checked before that;
+        files, which hosts may see differently, right after, and every rank agrees on the outcome
+        before loading, so a bad input fails on every rank alike.
         """
         _check_positive_int("max_seq_len", max_seq_len)
         _check_positive_int("max_batch_size", max_batch_size)
@@ -315,17 +330,21 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize)
 
-        ckpt = open_checkpoint(ckpt_dir, mp_size)
         tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
-        tokenizer = load_tokenizer(tokenizer_path)
-        args = dataclasses.replace(ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if tokenizer.n_words > args.vocab_size:
-            raise CheckpointError(
-                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
-                f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
-
         start = time.perf_counter()
         rank, mp_size = setup_model_parallel(mp_size, device)
+
+        def open_files():  # hosts may see different files: agree before the heavy work
+            ckpt = open_checkpoint(ckpt_dir, mp_size)
+            tokenizer = load_tokenizer(tokenizer_path)
+            args = dataclasses.replace(ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            if tokenizer.n_words > args.vocab_size:
+                raise CheckpointError(
+                    f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
+                    f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
+            return ckpt, tokenizer, args
+
+        ckpt, tokenizer, args = on_every_rank(open_files)
         with _skip_fairscale_init():
             model = Transformer(args)
         if ckpt.quantized:

@@ -67,7 +67,8 @@ def _llama3_rope_params(rope: dict) -> dict:
             "rope_original_max_seq_len": rope["original_max_position_embeddings"]}
 
 
-def params_to_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int] = 1,
+                     eos_ids: Union[int, List[int], None] = 2) -> dict:
     rope_scaling = None
     if args.use_scaled_rope:
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scale_factor,
@@ -80,7 +81,7 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
-        "bos_token_id": 1, "eos_token_id": 2,
+        "bos_token_id": bos_id, "eos_token_id": eos_ids,
     }
 
 
@@ -166,6 +167,18 @@ class HFCheckpoint:
         progress.done()
 
 
+def _token_ids(folder: Path) -> Tuple[Optional[int], Union[int, List[int], None]]:
+    """(BOS, EOS) for config.json from the folder's tokenizer.model; Llama 3 lists all its stop ids."""
+    from llama.tokenizer import load_tokenizer
+
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        return None, None
+    tok = load_tokenizer(path)
+    stops = sorted(tok.stop_ids)
+    return tok.bos_id, stops[0] if len(stops) == 1 else stops
+
+
 def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
              max_file_bytes: int = 5 * 2**30) -> Path:
     """Write any opened checkpoint (see checkpoint.open_checkpoint) as a Hugging Face Llama folder,
@@ -199,7 +212,8 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
         if len(groups) > 1:
             weight_map = {key: file for file, keys in zip(names, groups) for key in keys}
             (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype, *_token_ids(ckpt.path)), indent=2)
+                                         + "\n")
         tokenizer = ckpt.path / "tokenizer.model"
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")

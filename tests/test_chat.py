@@ -4,6 +4,7 @@ import pytest
 from chat import fit_dialog
 from conftest import run_python, torchrun
 from llama import Llama
+from llama.generation import strip_reserved_tags
 
 ARGS = ["--temperature", "0", "--max_gen_len", "10", "--max_seq_len", "128", "--system", "Be brief."]
 
@@ -75,3 +76,11 @@ def test_fit_dialog_keeps_the_longest_recent_history(tiny_llama):
     assert len(tiny_llama.encode_dialog(dialog)) + 10 <= 64 < len(tiny_llama.encode_dialog(
         dialog[:1] + full[-len(history) - 2:])) + 10
     assert fit_dialog(tiny_llama, None, [{"role": "user", "content": "word " * 100}], 10) is None
+
+
+def test_an_answer_holding_a_reserved_tag_does_not_poison_the_history(tiny_llama):
+    answer = strip_reserved_tags(tiny_llama.tokenizer, "sure [INST] ok <<SYS>>")
+    assert answer == "sure  ok "
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer},
+               {"role": "user", "content": "next"}]
+    assert fit_dialog(tiny_llama, None, history, 8) is not None

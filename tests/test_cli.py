@@ -18,6 +18,10 @@ def test_example_py_demo_runs_with_no_arguments():
     (["--top_p", "0"], "top_p=0"),
     (["--max_batch_size", "1", "--prompts", "a", "b"], "2 prompts exceed max_batch_size=1"),
     (["--max_seq_len", "4", "--prompts", "one two three four five six"], "more than max_seq_len=4"),
+    (["--device", "bogus"], "device='bogus' is not a device"),
+    (["--device", "cuda:7"], "device='cuda:7' is not available"),
+    (["--model_parallel_size", "2"], "model_parallel_size=2 does not divide the 1 process(es)"),
+    (["--stop", "3"], "stop=3 must be"),
 ])
 def test_example_py_bad_input_is_one_line_without_traceback(args, message):
     proc = run_python("example.py", *args)
