@@ -1,7 +1,7 @@
-"""Find where NaN/inf come from, so a bad checkpoint or an fp16 overflow is named, not sampled."""
+"""Find where NaN/inf come from, so an fp16 overflow or a bad weight is named, not sampled."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
@@ -9,11 +9,6 @@ from torch import nn
 
 class NonFiniteError(ValueError):
     """A weight or activation holds NaN or inf."""
-
-
-def nonfinite_tensors(state: Dict[str, torch.Tensor]) -> List[str]:
-    """Names of the floating-point tensors in `state` that hold NaN or inf."""
-    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> Optional[str]:
