@@ -1,6 +1,7 @@
 """Process group, fairscale model-parallel groups, device and dtype choice."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -46,7 +47,11 @@ def resolve_device(device: Union[str, torch.device, None] = None) -> torch.devic
                              f"{torch.cuda.device_count()} CUDA device(s); use 'cpu' or one of them")
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= count:  # one GPU per process: nccl refuses two ranks on one device
+            raise ValueError(f"local rank {local_rank} has no GPU of its own: this host has {count} CUDA "
+                             f"device(s); start at most {count} process(es) per host, or pass device='cpu'")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -81,6 +86,7 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            atexit.register(_destroy_private_group)  # ours to close: nccl warns about a group left open
     if not fs_init.model_parallel_is_initialized():
         # fairscale prints its group sizes on every rank; keep non-zero ranks (and stdout) quiet.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -90,6 +96,11 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
         raise ValueError(f"model parallelism is already set up with size {mp_size}, "
                          f"not the {model_parallel_size} requested")
     return fs_init.get_model_parallel_rank(), mp_size
+
+
+def _destroy_private_group() -> None:
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
 
 
 class RankError(RuntimeError):

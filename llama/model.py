@@ -6,6 +6,7 @@ rank's shard loads with a single `load_state_dict`.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple, Union
 
@@ -358,9 +359,16 @@ class Transformer(nn.Module):
         """
         # Every call reads the same modules: checking their guards would cost more than a small
         # model's whole step, so they are skipped (compile again after replacing a weight).
-        skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.compiled_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
-                                           options=skip_module_guards)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.tok_embeddings.weight.device.type == "cuda":
+            # CUDA graphs replay the step's kernels in one launch: a decode step is otherwise
+            # bound by launching them one by one (measured 3x faster at 1.1B on an H100).
+            options["triton.cudagraphs"] = True
+        # Dynamo keeps compiled graphs per code object, and without module guards two models
+        # (another dtype, another cache size) would share one: give each model its own copy.
+        code = Transformer._decode_step.__code__.replace()
+        step = types.MethodType(types.FunctionType(code, globals(), "_decode_step"), self)
+        self.compiled_step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         return self
 
     def setup_cache(

@@ -3,6 +3,7 @@
     python scripts/benchmark.py --shape stories260k --batch 1 --gen_len 256 --compare hf
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --gen_len 16 --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --compile
+    python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --device cuda --compile --compare hf
     python scripts/benchmark.py --smoke            # tiny shape, a few tokens: seconds (CI runs it)
 
 A --shape gets random weights, written once to CACHE_DIR/<shape>-<dtype> (default
@@ -12,7 +13,9 @@ copies (memory-mapped weights it does not copy are paged in by the first forward
 Each round runs one greedy generate per batch size: the time until the first logits is the
 prefill (time to first token), the rest is decode. With --compare hf the same rounds run
 transformers' generate on the same weights, alternating with ours, and the ratios ours/HF are
-given as median [min-max] over rounds. Progress goes to stderr, the table (or with --json, a
+given as median [min-max] over rounds. On a GPU every mark waits for the device
+(torch.cuda.synchronize), and the load also reports peak GPU memory over the weight bytes.
+Progress goes to stderr, the table (or with --json, a
 JSON object) to stdout.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from llama import Llama
 from llama.checkpoint import meta_to_hf, open_checkpoint, write_checkpoint
 from llama.hf import params_to_config
-from llama.distributed import resolve_dtype
+from llama.distributed import resolve_device, resolve_dtype
 from llama.model import ModelArgs
 from llama.quantize import weight_bytes
 from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
@@ -42,6 +45,7 @@ SHAPES = {
     "stories260k": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, norm_eps=1e-5),
     "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, multiple_of=256,
                            norm_eps=1e-5),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5),
 }
 DEFAULT_CACHE = Path.home() / ".cache" / "llama-bench"
 
@@ -78,16 +82,26 @@ def _memory(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _load_probe(ckpt_dir: str, build_kwargs: dict, queue) -> None:
     before = _memory("VmRSS")
     start = time.perf_counter()
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), **build_kwargs)
+    sync(generator.device)
     seconds = time.perf_counter() - start
     load_peak = _memory("VmHWM")
     generator.generate([[1]], max_gen_len=1, temperature=0)  # pages in every weight the load left mapped
     peak = _memory("VmHWM")
-    queue.put(dict(load_s=seconds, weight_bytes=weight_bytes(generator.model), load_peak_rss_growth=load_peak - before,
-                   first_token_peak_rss_growth=peak - before))
+    result = dict(load_s=seconds, weight_bytes=weight_bytes(generator.model), load_peak_rss_growth=load_peak - before,
+                  first_token_peak_rss_growth=peak - before)
+    if generator.device.type == "cuda":  # the weights live there; host RSS only shows what staging costs
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(generator.device)
+    queue.put(result)
 
 
 def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
@@ -100,10 +114,12 @@ def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
     proc.join()
     for key in ("load", "first_token"):
         result[f"{key}_peak_rss_over_weights"] = result[f"{key}_peak_rss_growth"] / result["weight_bytes"]
+    if "gpu_peak_bytes" in result:
+        result["gpu_peak_over_weights"] = result["gpu_peak_bytes"] / result["weight_bytes"]
     return result
 
 
-def hf_model(ckpt_dir: str, dtype: torch.dtype):
+def hf_model(ckpt_dir: str, dtype: torch.dtype, device: torch.device):
     """transformers' LlamaForCausalLM holding the checkpoint's weights (converted by meta_to_hf)."""
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -117,7 +133,7 @@ def hf_model(ckpt_dir: str, dtype: torch.dtype):
         model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(hf_state, assign=True, strict=False)
     model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were made on the meta device
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 class Ours:
@@ -132,6 +148,7 @@ class Ours:
 
         def marked(h: torch.Tensor) -> torch.Tensor:  # the first call ends the prefill
             out = logits(h)
+            sync(out.device)
             marks.append(time.perf_counter())
             return out
 
@@ -151,21 +168,25 @@ class HF:
     @torch.inference_mode()
     def generate(self, prompts: torch.Tensor, n: int, marks: List[float]) -> List[List[int]]:
         def marked(input_ids, scores):  # a logits processor: first called right after the prefill
+            sync(scores.device)
             marks.append(time.perf_counter())
             return scores
 
+        prompts = prompts.to(self.model.device)
         out = self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                   do_sample=False, eos_token_id=2, pad_token_id=0, logits_processor=[marked])
         rows = out[:, prompts.shape[1]:].tolist()
         return [row[: row.index(2)] if 2 in row else row for row in rows]
 
 
-def time_round(runner, prompts: torch.Tensor, gen_len: int) -> dict:
+def time_round(runner, prompts: torch.Tensor, gen_len: int, device: torch.device) -> dict:
     """One timed generate: the prefill up to the first logits, then the decode of the other tokens."""
     B, T = prompts.shape
     marks: List[float] = []
+    sync(device)
     start = time.perf_counter()
     tokens = runner.generate(prompts, gen_len, marks)
+    sync(device)
     end = time.perf_counter()
     ttft, decode_s = marks[0] - start, end - marks[0]
     decoded = sum(max(len(row) - 1, 0) for row in tokens)  # the first token of each row comes from the prefill
@@ -180,7 +201,7 @@ def _median_range(values: List[float]) -> Dict[str, float]:
 def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
         prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
         quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-        threads: Optional[int] = None, seed: int = 0) -> dict:
+        threads: Optional[int] = None, seed: int = 0, device: str = "cpu") -> dict:
     if (ckpt_dir is None) == (shape is None):
         raise ValueError("pass exactly one of --ckpt_dir and --shape")
     if compare not in (None, "hf"):
@@ -188,10 +209,11 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     if threads is not None:
         torch.set_num_threads(threads)
-    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     if shape is not None:
         ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
-    build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device="cpu",
+    build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
                         dtype=torch_dtype, quantize=quantize)
 
     progress(f"measuring the load of {ckpt_dir} in a fresh process")
@@ -200,7 +222,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     runners = [ours]
     if compare == "hf":
         progress("building transformers' LlamaForCausalLM on the same weights")
-        runners.append(HF(hf_model(ckpt_dir, torch_dtype)))
+        runners.append(HF(hf_model(ckpt_dir, torch_dtype, torch_device)))
 
     vocab = ours.generator.model.vocab_size
     gen = torch.Generator().manual_seed(seed)
@@ -214,7 +236,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         for i in range(rounds):
             for runner in runners:  # alternate, so drifting machine load hits both alike
                 progress(f"batch {B}: round {i + 1}/{rounds} {runner.name}")
-                samples[runner.name].append(time_round(runner, prompts, gen_len))
+                samples[runner.name].append(time_round(runner, prompts, gen_len, torch_device))
         row = dict(batch=B)
         for name, rs in samples.items():
             row[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "tokens"}
@@ -225,18 +247,20 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         results.append(row)
     config = dict(ckpt_dir=ckpt_dir, shape=shape, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
                   quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
-                  threads=torch.get_num_threads(), torch=torch.__version__)
+                  threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device),
+                  device_name=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu")
     return dict(config=config, load=load, results=results)
 
 
 def table(report: dict) -> str:
     c, load = report["config"], report["load"]
     lines = [
-        f"{c['shape'] or c['ckpt_dir']}  {c['dtype']}  compile={c['compile']}  quantize={c['quantize']}  "
+        f"{c['shape'] or c['ckpt_dir']}  {c['device_name']}  {c['dtype']}  compile={c['compile']}  quantize={c['quantize']}  "
         f"prompt {c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
         f"load {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
         f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
-        f"{load['first_token_peak_rss_over_weights']:.2f} after the first token",
+        f"{load['first_token_peak_rss_over_weights']:.2f} after the first token"
+        + (f"   peak GPU memory / weight bytes: {load['gpu_peak_over_weights']:.2f}" if "gpu_peak_over_weights" in load else ""),
         "",
         "| batch | impl | prefill tok/s | TTFT ms | decode tok/s per seq | decode tok/s total |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
@@ -261,11 +285,11 @@ def table(report: dict) -> str:
 def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
          prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-         threads: Optional[int] = None, json: bool = False, smoke: bool = False) -> None:
+         threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
-                 cache_dir, threads)
+                 cache_dir, threads, device=device)
     if json:
         for row in report["results"]:
             row.pop("tokens", None)

@@ -44,3 +44,17 @@ def test_compiled_decode_gives_the_same_tokens(tiny_ckpt):
     got = compiled.generate(prompts, max_gen_len=20, temperature=0, logprobs=True)
     assert got[0] == expected[0]
     torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_compiled_models_do_not_share_a_graph(tiny_ckpt):
+    """Module guards are skipped for speed, so each model needs its own compiled step: a second
+    model with another dtype and cache size must not run the first model's graph."""
+    path, tok = str(tiny_ckpt), str(tiny_ckpt / "tokenizer.model")
+    first = Llama.build(path, tok, max_seq_len=48, max_batch_size=2, device="cpu", compile=True)
+    first.generate([[1, 5]], max_gen_len=4, temperature=0)
+    kwargs = dict(max_seq_len=40, max_batch_size=1, device="cpu", dtype="bf16")
+    second = Llama.build(path, tok, compile=True, **kwargs)
+    expected = Llama.build(path, tok, **kwargs).generate([[1, 5, 9]], max_gen_len=8, temperature=0, logprobs=True)
+    got = second.generate([[1, 5, 9]], max_gen_len=8, temperature=0, logprobs=True)
+    torch.testing.assert_close(torch.tensor(got[1][0][:2]), torch.tensor(expected[1][0][:2]), atol=0.05, rtol=0.05)
