@@ -23,7 +23,7 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -229,31 +229,53 @@ def release_pages(t: torch.Tensor) -> None:
     Every tensor of a shard views one private mapping of the file, and the pages read stay
     resident until all of them are gone; without this, loading would peak at the rank's weights
     plus the shard. The pages are clean file pages (never written), so a later read refetches them.
-    Only call it on tensors from `load_shard`: on anonymous memory it would zero the data.
+    Only call it on tensors from `load_shard` or views of them: on anonymous memory it would zero the data.
     """
     if _libc is None or t.numel() == 0:
         return
     start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = t.data_ptr() + t.numel() * t.element_size()
+    span = 1 + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))  # first to last element of a view
+    end = t.data_ptr() + span * t.element_size()
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+_BLOCK_NUMEL = 4 << 20  # elements copied at a time: 8 MB of bf16, 16 MB of float32
+
+
+def _row_blocks(src: tuple, dst: tuple) -> Iterator[Tuple[tuple, tuple]]:
+    """`overlap`'s (src, dst) index tuples, cut along dim 0 into blocks of about _BLOCK_NUMEL elements."""
+    row_numel = torch.Size(sl.stop - sl.start for sl in src[1:]).numel()
+    rows = max(1, _BLOCK_NUMEL // row_numel)
+    s, d = src[0], dst[0]
+    n = s.stop - s.start
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        yield (slice(s.start + lo, s.start + hi),) + src[1:], (slice(d.start + lo, d.start + hi),) + dst[1:]
+
+
 def assemble(want: Region, parts: Iterable[Tuple[Region, object]], dtype: Optional[torch.dtype],
-             device: Union[str, torch.device]) -> torch.Tensor:
+             device: Union[str, torch.device], release: Optional[Callable[[torch.Tensor], None]] = None
+             ) -> torch.Tensor:
     """The `want` region of a tensor, copied from whichever `parts` (region, sliceable) overlap it.
 
     A sliceable is a tensor or a safetensors slice: indexing it with a tuple of slices gives a tensor.
-    The result has `dtype` (None: the parts' own), converted piece by piece.
+    The result has `dtype` (None: the parts' own), converted piece by piece. The copy goes in
+    blocks of rows, each handed to `release` once copied: so the source data held besides the
+    result (pages of a mapped file, a block read from safetensors) is one block, not the whole
+    tensor, which for the largest tensor would otherwise set the peak of a load.
     """
     out = None
     for have, source in parts:
         both = overlap(have, want)
         if both is None:
             continue
-        piece = source[both[0]]
-        if out is None:
-            out = torch.empty(extent(want), dtype=dtype or piece.dtype, device=device)
-        out[both[1]].copy_(piece)
+        for src, dst in _row_blocks(*both):
+            piece = source[src]
+            if out is None:
+                out = torch.empty(extent(want), dtype=dtype or piece.dtype, device=device)
+            out[dst].copy_(piece)
+            if release is not None:
+                release(piece)
     return out
 
 
@@ -347,9 +369,7 @@ class MetaCheckpoint:
             sources = needed if dims(name)[0] is not None else needed[:1]
             parts = [(held(name, i), self.shards[i][name]) for i in sources]
             float_weight = parts[0][1].is_floating_point() and not name.endswith(".scales")
-            out = assemble(wanted(name), parts, dtype if float_weight else None, device)
-            for _, t in parts:
-                release_pages(t)
+            out = assemble(wanted(name), parts, dtype if float_weight else None, device, release=release_pages)
             progress.add(out)
             yield name, out
         progress.done()

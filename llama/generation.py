@@ -20,7 +20,7 @@ from llama.checkpoint import CheckpointError, open_checkpoint
 from llama.distributed import (available_memory, env_world_size, on_every_rank, resolve_device, resolve_dtype,
                                setup_model_parallel)
 from llama.model import ModelArgs, Transformer
-from llama.numerics import NonFiniteError, locate_nonfinite
+from llama.numerics import NonFiniteError, all_finite, locate_nonfinite
 from llama.quantize import check_mode, prepare_for_state_
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 
@@ -744,7 +744,7 @@ def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]
         if tensor.shape != expected.get(name):
             raise CheckpointError(f"{source}: {name} of shape {tuple(tensor.shape)} does not fit the model "
                                   f"(expected {expected.get(name)})")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
                                  "or convert it again")
         module, _, leaf = name.rpartition(".")

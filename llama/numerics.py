@@ -11,6 +11,19 @@ class NonFiniteError(ValueError):
     """A weight or activation holds NaN or inf."""
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN or inf.
+
+    Unlike `isfinite(t).all()`, which builds an abs() copy and bool masks as large as `t` (2.5x
+    a bf16 tensor), this reduces in place: checking the output matrix that way set the peak of
+    a whole load (1.16x the bf16 weights of a 1.1B model instead of 1.01x).
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)  # a NaN anywhere makes both NaN; an inf shows as the min or max
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> Optional[str]:
     """Re-run `model` on `tokens` and name the first module whose inputs are finite but whose output is not.
 

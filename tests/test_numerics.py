@@ -4,7 +4,7 @@ import torch
 
 from conftest import random_model
 from llama import Llama, LogitsError
-from llama.numerics import NonFiniteError, locate_nonfinite
+from llama.numerics import NonFiniteError, all_finite, locate_nonfinite
 
 
 def test_locate_names_the_first_module_that_overflows_in_float16():
@@ -41,3 +41,18 @@ def test_checkpoint_with_nan_weights_is_refused_by_name(tiny_ckpt, tmp_path):
                            tokenizer_path=tiny_ckpt / "tokenizer.model")
     with pytest.raises(NonFiniteError, match="layers.0.attention.wk.weight holds NaN or inf"):
         Llama.build(str(bad), max_seq_len=16, max_batch_size=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value(dtype, bad):
+    t = torch.randn(300, 70).to(dtype)
+    assert all_finite(t)
+    t[123, 45] = bad
+    assert not all_finite(t)
+    assert not all_finite(t[123:124, 40:50])  # a view
+
+
+def test_all_finite_takes_integer_and_empty_tensors():
+    assert all_finite(torch.full((4, 4), -127, dtype=torch.int8))
+    assert all_finite(torch.empty(0, 8))
