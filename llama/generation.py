@@ -118,16 +118,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
     return sample_top_p(torch.softmax(logits, dim=-1), top_p, generator)
 
 
-def check_logits(logits: torch.Tensor, live: Sequence[bool], step: int) -> None:
-    """Refuse to sample from rows whose logits hold NaN or +inf, or nothing above -inf."""
-    bad = logits.isnan().any(-1) | (logits == float("inf")).any(-1) | (logits.amax(-1) == float("-inf"))
-    bad &= torch.tensor(live, device=logits.device)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        raise LogitsError(f"row {row} at generation step {step}: the model's logits are NaN, +inf or all -inf "
-                          "(overflow in the weights or dtype); try dtype='float32' or 'bf16'")
-
-
 def decode_continuation(tokenizer: AnyTokenizer, context: Sequence[int], tokens: Sequence[int]) -> str:
     """The text `tokens` add after `context`, keeping the leading space SentencePiece drops when a
     piece is decoded on its own."""
@@ -456,27 +446,43 @@ class Llama:
                 r.prompt_logprobs = prompt_lp[i][: lens[i] - 1]
         del h
 
-        pos = last + 1  # where each row's next token goes
+        # Rows that share every position (batch 1, prompts of one length) decode at an int position:
+        # the cache write is then a slice, one query needs no mask, and the model's decode step can
+        # skip the module machinery.
+        pos = lens[0] if len(set(lens)) == 1 else last + 1  # where each row's next token goes
+        decode = (self.model.decode_step() or self.model.hidden) if isinstance(pos, int) else None
         for step in range(max(r.max_new for r in rows)):
-            try:
-                check_logits(logits, [not r.done for r in rows], step)
-            except LogitsError as e:
-                where = locate_nonfinite(self.model, *last_input)
-                raise LogitsError(f"{e}. First non-finite output: {where or 'none in a module'}") from None
+            # Logits holding NaN or +inf, or nothing above -inf, are exactly those whose max is not
+            # finite (max propagates NaN). Sampling must not see them; a live row raises below.
+            peak = logits.amax(-1)  # (B,)
+            if temperature > 0:
+                logits = logits.masked_fill(~peak.isfinite()[:, None], 0.0)
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
+            # One host sync per step, for tokens and peaks together (token ids are exact in float32).
+            tokens, peaks = torch.stack([next_token.float(), peak.float()]).tolist()
+            bad_row = next((i for i, (r, p) in enumerate(zip(rows, peaks)) if not (r.done or math.isfinite(p))), None)
+            if bad_row is not None:
+                where = locate_nonfinite(self.model, *last_input)
+                raise LogitsError(f"row {bad_row} at generation step {step}: the model's logits are NaN, +inf or "
+                                  "all -inf (overflow in the weights or dtype); try dtype='float32' or 'bf16'. "
+                                  f"First non-finite output: {where or 'none in a module'}")
             token_lp = [None] * B
             if logprobs:
                 token_lp = F.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1).tolist()
-            for r, t, lp in zip(rows, next_token.tolist(), token_lp):
+            for r, t, lp in zip(rows, tokens, token_lp):
                 if not r.done:
-                    r.add(t, lp, stop_ids)
+                    r.add(int(t), lp, stop_ids)
             yield
             if all(r.done for r in rows):
                 return
             # Finished rows keep decoding (into their own cache rows) so the batch stays rectangular.
-            kv_len = min(max(lens) + step + 1, self.max_seq_len)
-            last_input = (next_token[:, None], pos.clamp(max=self.max_seq_len - 1))
-            h = self.model.hidden(*last_input, kv_len=kv_len)
+            if isinstance(pos, int):
+                last_input = (next_token[:, None], pos)
+                h = decode(*last_input)
+            else:
+                kv_len = min(max(lens) + step + 1, self.max_seq_len)
+                last_input = (next_token[:, None], pos.clamp(max=self.max_seq_len - 1))
+                h = self.model.hidden(*last_input, kv_len=kv_len)
             logits = self.model.logits(h[:, -1])
             pos = pos + 1
 

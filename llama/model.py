@@ -24,9 +24,12 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
-from llama.quantize import int8_linear, quantize_model_
+from llama.quantize import int8_linear, quantize_model_, weight_bytes
 
 log = logging.getLogger(__name__)
+
+# Plain CPU loads of models up to this size fuse wqkv and w13 (see Transformer.optimize_).
+_FUSE_ON_CPU_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -107,16 +110,26 @@ def _keep(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, dim: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis; `eps` and `dim` are 0-dim tensors: an op
+    with a Python number turns it into a tensor on every call, which costs more than the op itself at
+    a small model's decode step."""
+    float32 = x.dtype == torch.float32  # else reduce in float32: bf16/fp16 squares lose too much precision
+    xf = x if float32 else x.float()  # (even a no-op cast is a call, which counts here)
+    normed = xf * torch.rsqrt(torch.addcdiv(eps, (xf * xf).sum(-1, keepdim=True), dim))  # mean(x^2) + eps
+    return (normed if float32 else normed.type_as(x)) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("eps_tensor", torch.tensor(eps), persistent=False)
+        self.register_buffer("dim_tensor", torch.tensor(float(dim)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reduce in float32: bf16/fp16 squares lose too much precision.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps_tensor, self.dim_tensor)
 
 
 def scale_rope_freqs(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -147,20 +160,61 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta's checkpoints expect, in float32.
 
-    x: (B, T, H, D); freqs_cis: (B or 1, T, D/2, 2).
+    x: (B, T, H, D); freqs_cis: the rotations from `rotations`, (B or 1, T, 1, D/2) complex, or
+    under torch.compile their (cos, sin) pairs (B or 1, T, 1, D/2, 2).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    if torch.compiler.is_compiling():  # inductor generates no code for complex numbers; real ops fuse
-        cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (B or 1, T, 1, D/2) each
-        x0, x1 = pairs.unbind(-1)
-        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
-    # Eager: one complex multiply instead of six real kernels.
-    rotation = torch.view_as_complex(freqs_cis.float()).unsqueeze(2)  # (B or 1, T, 1, D/2)
-    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
+    if freqs_cis.is_complex():  # eager: one complex multiply instead of six real kernels
+        return torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis).flatten(-2).type_as(x)
+    cos, sin = freqs_cis.unbind(-1)  # (B or 1, T, 1, D/2) each
+    x0, x1 = pairs.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+
+
+def apply_rotary_emb_(x: torch.Tensor, freqs_cis: torch.Tensor) -> None:
+    """`apply_rotary_emb` in place."""
+    if x.dtype == torch.float32 and freqs_cis.is_complex():  # multiply x's complex view: no copies
+        torch.view_as_complex(x.view(x.shape[:-1] + (-1, 2))).mul_(freqs_cis)  # (B, T, H, D/2) complex
+    else:
+        x.copy_(apply_rotary_emb(x, freqs_cis))
+
+
+def rotations(freqs_cis: torch.Tensor) -> torch.Tensor:
+    """What `apply_rotary_emb` takes for rows of the RoPE table: (B or 1, T, D/2, 2) -> (B or 1, T, 1, D/2),
+    complex in eager (made once per forward, not per layer), real (cos, sin) pairs under torch.compile,
+    whose inductor generates no code for complex numbers."""
+    if torch.compiler.is_compiling():
+        return freqs_cis.unsqueeze(2)
+    return torch.view_as_complex(freqs_cis.float()).unsqueeze(2)
 
 
 def _model_parallel_size() -> int:
     return fs_init.get_model_parallel_world_size()
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T for a float weight, or an int8 one with per-output-channel `scales` (llama.quantize)."""
+    return F.linear(x, weight) if scales is None else int8_linear(x, weight, scales)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of queries q (B, T, H, D) to keys and values (B, Hkv, S, D): (B, T, H * D).
+
+    Grouped-query attention without copying the cache: the n_rep query heads that share a kv head
+    fold into the query-length axis (query head h uses kv head h // n_rep), so `mask` is
+    (B or 1, 1, n_rep * T, S), or (B or 1, 1, 1, S) for one query.
+    """
+    B, T, H, D = q.shape
+    Hkv = keys.shape[1]
+    n_rep = H // Hkv
+    if T == 1:  # decoding: the folds are plain views
+        q = q.view(B, Hkv, n_rep, D)
+    else:
+        q = q.view(B, T, Hkv, n_rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, n_rep * T, D)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, Hkv, n_rep * T, D)
+    if T == 1:
+        return out.reshape(B, 1, H * D)
+    return out.view(B, Hkv, n_rep, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 def linear(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
@@ -171,8 +225,7 @@ def linear(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
     matmul. Split layers keep their all-reduce / all-gather. int8 layers (llama.quantize) carry
     per-output-channel `scales`.
     """
-    scales = getattr(layer, "scales", None)
-    y = F.linear(x, layer.weight) if scales is None else int8_linear(x, layer.weight, scales)
+    y = dense(x, layer.weight, layer._buffers.get("scales"))  # getattr(layer, "scales", None) would raise, slowly
     if not split:
         return y
     if isinstance(layer, RowParallelLinear):
@@ -218,8 +271,7 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.wqkv: Optional[ColumnParallelLinear] = None  # set by fuse_()
-        self.register_buffer("cache_k", None, persistent=False)
-        self.register_buffer("cache_v", None, persistent=False)
+        self.register_buffer("cache", None, persistent=False)  # set by setup_cache()
 
     def fuse_(self) -> None:
         """Replace wq, wk, wv by one wqkv: one matmul instead of three per step."""
@@ -228,17 +280,36 @@ class Attention(nn.Module):
             del self.wq, self.wk, self.wv
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        # (B, S, Hkv, D): a step's keys (B, T, Hkv, D) are written without a transpose.
-        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
-        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        # (B, 2 * Hkv, S, D): the keys' heads, then the values'. Head-major, so attention reads keys
+        # and values as plain slices; together, so a step's keys and values are stored by one write.
+        shape = (max_batch_size, 2 * self.n_local_kv_heads, max_seq_len, self.head_dim)
+        # An inference tensor, written only under inference mode (Transformer.hidden): its slices cost less.
+        with torch.inference_mode():
+            self.cache = torch.zeros(shape, device=device, dtype=dtype)
 
-    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.wqkv is None:  # the reference layout, as stored in checkpoints
-            return linear(self.wq, x, self.split), linear(self.wk, x, self.split), linear(self.wv, x, self.split)
-        kv_width = self.n_local_kv_heads * self.head_dim
-        q, k, v = linear(self.wqkv, x, self.split).split([self.n_local_heads * self.head_dim, kv_width, kv_width], -1)
-        return q, k, v
+    @property
+    def cache_k(self) -> torch.Tensor:
+        """The cached keys as (B, S, Hkv, D), a view."""
+        return self.cache[:, : self.n_local_kv_heads].transpose(1, 2)
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        """The cached values as (B, S, Hkv, D), a view."""
+        return self.cache[:, self.n_local_kv_heads :].transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, T, H, D) and keys then values (B, T, 2 * Hkv, D) of local heads, RoPE applied."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        wqkv = self.wqkv
+        if wqkv is None:  # the reference layout, as stored in checkpoints
+            q = linear(self.wq, x, self.split).view(B, T, H, D)
+            k = linear(self.wk, x, self.split).view(B, T, Hkv, D)
+            v = linear(self.wv, x, self.split).view(B, T, Hkv, D)
+            return apply_rotary_emb(q, freqs_cis), torch.cat([apply_rotary_emb(k, freqs_cis), v], dim=2)
+        heads = linear(wqkv, x, self.split).view(B, T, H + 2 * Hkv, D)  # queries, keys, values
+        apply_rotary_emb_(heads[:, :, : H + Hkv], freqs_cis)  # in place: the keys stay beside the values
+        return heads[:, :, :H], heads[:, :, H:]
 
     def forward(
         self,
@@ -249,28 +320,16 @@ class Attention(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = apply_rotary_emb(q.view(B, T, self.n_local_heads, self.head_dim), freqs_cis)
-        k = apply_rotary_emb(k.view(B, T, self.n_local_kv_heads, self.head_dim), freqs_cis)
-        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
-
+        q, kv = self.qkv(x, freqs_cis)
+        cache = self.cache
         if isinstance(positions, int):
-            self.cache_k[:B, positions : positions + T] = k
-            self.cache_v[:B, positions : positions + T] = v
+            cache[:B, :, positions : positions + T] = kv.transpose(1, 2)
         else:  # (rows (B, 1), positions (B, T)): each sequence at its own positions
-            self.cache_k.index_put_(positions, k)
-            self.cache_v.index_put_(positions, v)
-        keys = self.cache_k[:B, :kv_len].transpose(1, 2)  # (B, Hkv, S, D), a view
-        values = self.cache_v[:B, :kv_len].transpose(1, 2)
-
-        # Grouped-query attention without copying the cache: fold the n_rep query heads that
-        # share a kv head into the query-length axis. Query head h uses kv head h // n_rep.
-        q = q.view(B, T, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        q = q.permute(0, 2, 3, 1, 4).reshape(B, self.n_local_kv_heads, self.n_rep * T, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, Hkv, n_rep*T, D)
-        out = out.view(B, self.n_local_kv_heads, self.n_rep, T, self.head_dim)
-        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_local_heads * self.head_dim)
-        return linear(self.wo, out, self.split)
+            rows, positions = positions
+            cache[rows, :, positions] = kv  # the indexed slots, (B, T, 2 * Hkv, D), take kv as it is
+        keys = cache[:B, : self.n_local_kv_heads, :kv_len]  # (B, Hkv, S, D), a view
+        values = cache[:B, self.n_local_kv_heads :, :kv_len]
+        return linear(self.wo, attend(q, keys, values, mask), self.split)
 
 
 class FeedForward(nn.Module):
@@ -289,10 +348,11 @@ class FeedForward(nn.Module):
             del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is None:  # the reference layout, as stored in checkpoints
+        w13 = self.w13
+        if w13 is None:  # the reference layout, as stored in checkpoints
             gate, up = linear(self.w1, x, self.split), linear(self.w3, x, self.split)
         else:
-            gate, up = linear(self.w13, x, self.split).chunk(2, dim=-1)
+            gate, up = linear(w13, x, self.split).chunk(2, dim=-1)
         return linear(self.w2, F.silu(gate) * up, self.split)
 
 
@@ -329,6 +389,7 @@ class Transformer(nn.Module):
         self.register_buffer("seq_index", None, persistent=False)  # arange(max_seq_len), for masks
         self.register_buffer("batch_index", None, persistent=False)  # arange(max_batch_size), for cache writes
         self.compiled_step = None  # set by compile_decode_()
+        self.cache_shape: Optional[Tuple[int, int]] = None  # (max_batch_size, max_seq_len), set by setup_cache()
 
     def fuse_(self) -> "Transformer":
         """Fuse wq/wk/wv and w1/w3 of every layer (after loading: checkpoints keep the separate names)."""
@@ -344,8 +405,10 @@ class Transformer(nn.Module):
         # Fusing copies 2/3 of the weights. On a GPU the caching allocator reuses what the parts
         # free; on CPU the C allocator keeps most of it (measured: resident memory 1.41x the bf16
         # weights of a 1.1B model instead of 1.01x) to save a few microseconds a step, so plain CPU
-        # loads stay unfused and only torch.compile, which exists to cut per-call overhead, fuses there.
-        if compile or quantize is not None or self.tok_embeddings.weight.device.type != "cpu":
+        # loads stay unfused, unless torch.compile, which exists to cut per-call overhead, is asked for,
+        # or the model is so small that those microseconds are most of its step and the copy is cheap.
+        small = weight_bytes(self) <= _FUSE_ON_CPU_BYTES
+        if compile or quantize is not None or small or self.tok_embeddings.weight.device.type != "cpu":
             self.fuse_()
         if compile:
             self.compile_decode_()
@@ -360,7 +423,11 @@ class Transformer(nn.Module):
         # Every call reads the same modules: checking their guards would cost more than a small
         # model's whole step, so they are skipped (compile again after replacing a weight).
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if self.tok_embeddings.weight.device.type == "cuda":
+        if self.tok_embeddings.weight.device.type == "cpu":
+            # A C++ wrapper calls the step's kernels: the Python one costs about as much as they do
+            # at a small model's step (stories260K: 1.4x the tokens per second).
+            options["cpp_wrapper"] = True
+        else:
             # CUDA graphs replay the step's kernels in one launch: a decode step is otherwise
             # bound by launching them one by one (measured 3x faster at 1.1B on an H100).
             options["triton.cudagraphs"] = True
@@ -378,7 +445,7 @@ class Transformer(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Allocate every layer's KV cache: (max_batch_size, max_seq_len, local kv heads, head_dim)."""
+        """Allocate every layer's KV cache for max_batch_size rows of max_seq_len positions."""
         weight = self.tok_embeddings.weight
         max_batch_size = max_batch_size or self.params.max_batch_size
         max_seq_len = max_seq_len or self.params.max_seq_len
@@ -387,14 +454,11 @@ class Transformer(nn.Module):
         device = device or weight.device
         for layer in self.layers:
             layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype or weight.dtype)
+        self.cache_shape = (max_batch_size, max_seq_len)
         self.seq_index = torch.arange(max_seq_len, device=device)
         self.batch_index = torch.arange(max_batch_size, device=device)
 
-    @property
-    def cache_shape(self) -> Optional[tuple]:
-        cache = self.layers[0].attention.cache_k
-        return None if cache is None else (cache.shape[0], cache.shape[1])
-
+    @torch.inference_mode()
     def hidden(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, kv_len: Optional[int] = None
     ) -> torch.Tensor:
@@ -413,8 +477,10 @@ class Transformer(nn.Module):
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + T > max_seq:
                 raise ValueError(f"positions {start_pos}..{start_pos + T - 1} fall outside max_seq_len={max_seq}")
+            if T == 1 and self.compiled_step is not None:
+                return self.compiled_step(tokens, torch.full((B,), start_pos, device=tokens.device))
             kv_len = start_pos + T
-            freqs_cis = self.freqs_cis[start_pos : start_pos + T].unsqueeze(0)  # (1, T, D/2, 2)
+            freqs_cis = rotations(self.freqs_cis[start_pos : start_pos + T].unsqueeze(0))  # (1, T, 1, D/2)
             mask = None
             if T > 1:  # causal, offset by start_pos: query t sees keys 0..start_pos+t
                 query_pos = self.seq_index[start_pos : start_pos + T]
@@ -431,12 +497,13 @@ class Transformer(nn.Module):
         """`hidden` for per-row positions: tokens (B, T) start at start_pos (B,)."""
         B, T = tokens.shape
         positions = start_pos.to(tokens.device).view(B, 1) + self.seq_index[:T]  # (B, T)
-        freqs_cis = self.freqs_cis[positions]  # (B, T, D/2, 2)
+        freqs_cis = rotations(self.freqs_cis[positions])  # (B, T, 1, D/2)
         mask = (self.seq_index[:kv_len] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S)
         return self._run(tokens, freqs_cis, (self.batch_index[:B, None], positions), mask, kv_len)
 
     def _run(self, tokens, freqs_cis, positions, mask, kv_len) -> torch.Tensor:
-        if mask is not None:  # attention folds n_rep query heads into the query axis: (., 1, n_rep*T, S)
+        if mask is not None and tokens.shape[1] > 1:
+            # attention folds n_rep query heads into the query axis: (., 1, n_rep*T, S); one query broadcasts
             mask = mask.repeat(1, 1, self.layers[0].attention.n_rep, 1)
         h = F.embedding(tokens, self.tok_embeddings.weight)  # (B, T, dim): the local slice of dim
         if self.split:
@@ -445,9 +512,70 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, positions, mask, kv_len)
         return self.norm(h)
 
+    def decode_step(self) -> Optional["DecodeStep"]:
+        """`hidden` for one new token per row at a shared int position, bound to this model's tensors as
+        they are now (so build one per generation), or None where it does not apply: model parallel,
+        unfused weights, or a compiled step. The same operations, so the same numbers, without the
+        module calls and parameter lookups, which were a third of stories260K's eager step."""
+        fused = self.layers[0].attention.wqkv is not None and self.layers[0].feed_forward.w13 is not None
+        if self.split or self.compiled_step is not None or not fused:
+            return None
+        if self.cache_shape is None:
+            self.setup_cache()
+        return DecodeStep(self)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return linear(self.output, h, self.split).float()
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
         """Float32 logits (B, T, vocab_size) for every position of `tokens`."""
         return self.logits(self.hidden(tokens, start_pos))
+
+
+def _project(x: torch.Tensor, weight) -> torch.Tensor:
+    """x (N, in) @ W.T, where `weight` is W.T (a view) for a float layer, or (int8 W, scales)."""
+    return torch.mm(x, weight) if isinstance(weight, torch.Tensor) else int8_linear(x, *weight)
+
+
+class DecodeStep:
+    """See `Transformer.decode_step`: the modules' arithmetic for one token per row, on tensors looked
+    up once. Activations are (B, features) and float weights are held transposed, so a projection is
+    the one torch.mm that F.linear on (B, 1, features) comes down to."""
+
+    def __init__(self, model: Transformer):
+        def weight(layer: nn.Module):
+            scales = layer._buffers.get("scales")
+            return layer.weight.t() if scales is None else (layer.weight, scales)
+
+        def norm(module: RMSNorm) -> tuple:
+            return module.weight, module.eps_tensor, module.dim_tensor
+
+        self.max_batch, self.max_seq = model.cache_shape
+        self.embedding, self.freqs_cis, self.norm = model.tok_embeddings.weight, model.freqs_cis, norm(model.norm)
+        self.layers = []
+        for layer in model.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            heads = (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim)
+            self.layers.append((norm(layer.attention_norm), weight(attention.wqkv), attention.cache, heads,
+                                weight(attention.wo), norm(layer.ffn_norm), weight(ffn.w13), weight(ffn.w2)))
+
+    @torch.inference_mode()  # as `hidden`: the cache is an inference tensor
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Final-norm hidden states (B, 1, dim) for `tokens` (B, 1) at position `pos`, filling the KV cache."""
+        B = tokens.shape[0]
+        if B > self.max_batch or not 0 <= pos < self.max_seq:
+            raise ValueError(f"{B} rows at position {pos} do not fit the cache ({self.max_batch}, {self.max_seq})")
+        freqs_cis = rotations(self.freqs_cis[pos : pos + 1].unsqueeze(0))  # (1, 1, 1, D/2)
+        x = F.embedding(tokens.view(B), self.embedding)  # (B, dim): no length axis in this step
+        for attention_norm, wqkv, cache, (H, Hkv, D), wo, ffn_norm, w13, w2 in self.layers:
+            # Attention.forward
+            heads = _project(rms_norm(x, *attention_norm), wqkv).view(B, 1, H + 2 * Hkv, D)  # q, k, v heads
+            apply_rotary_emb_(heads[:, :, : H + Hkv], freqs_cis)
+            cache[:B, :, pos] = heads[:, 0, H:]  # (B, 2 * Hkv, D)
+            q = heads[:, 0, :H].view(B, Hkv, H // Hkv, D)  # attend()'s fold of query heads for one query
+            out = F.scaled_dot_product_attention(q, cache[:B, :Hkv, : pos + 1], cache[:B, Hkv:, : pos + 1])
+            h = x + _project(out.reshape(B, H * D), wo)  # (B, Hkv, n_rep, D) -> (B, H * D)
+            # FeedForward.forward
+            gate, up = _project(rms_norm(h, *ffn_norm), w13).chunk(2, dim=-1)
+            x = h + _project(F.silu(gate) * up, w2)
+        return rms_norm(x, *self.norm).unsqueeze(1)

@@ -75,10 +75,11 @@ def test_int8_on_gpu_matches_int8_on_cpu(tiny_ckpt):
     torch.testing.assert_close(gpu.model(tokens.cuda(), 0).cpu(), cpu.model(tokens, 0), atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bf16"])
-def test_compiled_decode_matches_eager(tiny_ckpt, dtype):
-    eager = _build(tiny_ckpt, device="cuda", dtype=dtype)
-    compiled = _build(tiny_ckpt, device="cuda", dtype=dtype, compile=True)
+@pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bf16", None), ("float32", "int8")])
+def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
+    """CUDA graphs replay the compiled step; int8 weights take the multiply-and-sum form there."""
+    eager = _build(tiny_ckpt, device="cuda", dtype=dtype, quantize=quantize)
+    compiled = _build(tiny_ckpt, device="cuda", dtype=dtype, quantize=quantize, compile=True)
     expected = eager.generate(PROMPTS, max_gen_len=24, temperature=0, logprobs=True)
     got = compiled.generate(PROMPTS, max_gen_len=24, temperature=0, logprobs=True)
     tol = 1e-3 if dtype == "float32" else 5e-2

@@ -211,8 +211,9 @@ def test_top_k(tiny_llama):
     assert all(set(picks[i].tolist()) == set(top5[i].tolist()) for i in range(3))
 
 
+@pytest.mark.parametrize("temperature", [0, 0.8])
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf"), float("inf")])
-def test_unusable_logits_raise(tiny_llama, monkeypatch, bad):
+def test_unusable_logits_raise(tiny_llama, monkeypatch, bad, temperature):
     logits_of = tiny_llama.model.logits
 
     def broken(h):
@@ -222,4 +223,4 @@ def test_unusable_logits_raise(tiny_llama, monkeypatch, bad):
 
     monkeypatch.setattr(tiny_llama.model, "logits", broken)
     with pytest.raises(LogitsError, match="row 1 at generation step 0: the model's logits are NaN, \\+inf or all -inf"):
-        tiny_llama.generate([[1, 5], [1, 7, 9]], max_gen_len=4, temperature=0)
+        tiny_llama.generate([[1, 5], [1, 7, 9]], max_gen_len=4, temperature=temperature)
