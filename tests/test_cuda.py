@@ -77,7 +77,7 @@ def test_int8_on_gpu_matches_int8_on_cpu(tiny_ckpt):
 
 @pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bf16", None), ("float32", "int8")])
 def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
-    """CUDA graphs replay the compiled step; int8 weights take the multiply-and-sum form there."""
+    """CUDA graphs replay the compiled step."""
     eager = _build(tiny_ckpt, device="cuda", dtype=dtype, quantize=quantize)
     compiled = _build(tiny_ckpt, device="cuda", dtype=dtype, quantize=quantize, compile=True)
     expected = eager.generate(PROMPTS, max_gen_len=24, temperature=0, logprobs=True)

@@ -90,16 +90,3 @@ if __name__ == "__main__":  # the torchrun worker of test_two_shards_quantize_li
     logits = [_build(float_dir, quantize="int8").model(tokens, 0), _build(int8_dir).model(tokens, 0)]
     torch.save(logits, f"{out_prefix}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
-
-
-def test_int8_gemv_equals_the_dequantized_matmul():
-    """The multiply-and-sum form that compiled GPU decode steps use for int8 weights."""
-    from llama.quantize import absmax_scales, int8_gemv, quantize_weight
-
-    gen = torch.Generator().manual_seed(3)
-    w, x = torch.randn(48, 32, generator=gen), torch.randn(2, 1, 32, generator=gen)
-    scales = absmax_scales(w)
-    q = quantize_weight(w, scales)
-    expected = F.linear(x, q.float() * scales[:, None])
-    torch.testing.assert_close(int8_gemv(x, q, scales), expected, atol=1e-5, rtol=1e-5)
-    assert (expected - F.linear(x, w)).abs().max() < 0.02 * expected.abs().max()  # and close to the float weight
