@@ -244,6 +244,9 @@ _BLOCK_NUMEL = 4 << 20  # elements copied at a time: 8 MB of bf16, 16 MB of floa
 
 def _row_blocks(src: tuple, dst: tuple) -> Iterator[Tuple[tuple, tuple]]:
     """`overlap`'s (src, dst) index tuples, cut along dim 0 into blocks of about _BLOCK_NUMEL elements."""
+    if not src:  # a 0-dim tensor: one block
+        yield src, dst
+        return
     row_numel = torch.Size(sl.stop - sl.start for sl in src[1:]).numel()
     rows = max(1, _BLOCK_NUMEL // row_numel)
     s, d = src[0], dst[0]

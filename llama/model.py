@@ -288,14 +288,14 @@ class Attention(nn.Module):
             self.cache = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
-    def cache_k(self) -> torch.Tensor:
-        """The cached keys as (B, S, Hkv, D), a view."""
-        return self.cache[:, : self.n_local_kv_heads].transpose(1, 2)
+    def cache_k(self) -> Optional[torch.Tensor]:
+        """The cached keys as (B, S, Hkv, D), a view (None before setup_cache)."""
+        return None if self.cache is None else self.cache[:, : self.n_local_kv_heads].transpose(1, 2)
 
     @property
-    def cache_v(self) -> torch.Tensor:
-        """The cached values as (B, S, Hkv, D), a view."""
-        return self.cache[:, self.n_local_kv_heads :].transpose(1, 2)
+    def cache_v(self) -> Optional[torch.Tensor]:
+        """The cached values as (B, S, Hkv, D), a view (None before setup_cache)."""
+        return None if self.cache is None else self.cache[:, self.n_local_kv_heads :].transpose(1, 2)
 
     def qkv(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Queries (B, T, H, D) and keys then values (B, T, 2 * Hkv, D) of local heads, RoPE applied."""
@@ -463,6 +463,9 @@ class Transformer(nn.Module):
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, kv_len: Optional[int] = None
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim) for `tokens` (B, T), filling the KV cache.
+
+        Runs under torch.inference_mode (the cache is an inference tensor): the result takes no part
+        in autograd, and a layer called on its own must be called under inference mode too.
 
         `start_pos` is the position of tokens[:, 0]: an int shared by every row, or a (B,) tensor
         of per-row positions (rows of a batch may then sit at different positions). With per-row

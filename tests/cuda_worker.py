@@ -5,7 +5,8 @@ import sys
 import torch.distributed as dist
 
 from llama import Llama
-from test_cuda import PROMPTS
+
+PROMPTS = [[1, 5, 9, 200, 31, 7, 64], [1, 77], [1, 300, 301, 302]]
 
 if __name__ == "__main__":
     ckpt_dir, out_prefix = sys.argv[1:]

@@ -11,7 +11,7 @@ import torch
 from conftest import run_python, torchrun
 from dist_worker import PROMPTS
 from llama import Llama, ModelArgs
-from llama.checkpoint import (CheckpointError, full_shapes, load_shard, open_checkpoint, release_pages,
+from llama.checkpoint import (CheckpointError, assemble, full_shapes, load_shard, open_checkpoint, release_pages,
                               split_state_dict, write_checkpoint, write_meta)
 from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
 from test_stories import PUBLISHED
@@ -262,3 +262,7 @@ def test_vocab_size_minus_one_is_read_from_the_shards(tiny_ckpt2, tmp_path):
     """Llama 1's params.json says vocab_size -1."""
     path = edited_copy(tiny_ckpt2, tmp_path / "llama1", params={"vocab_size": -1})
     assert open_checkpoint(path).args.vocab_size == 512
+
+
+def test_assemble_copies_a_scalar():
+    assert assemble([], [([], torch.tensor(3.0))], None, "cpu").item() == 3.0

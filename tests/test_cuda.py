@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import torchrun
+from cuda_worker import PROMPTS
 from llama import Llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU on this machine; run `pytest tests/test_cuda.py` on a GPU host")
 
-PROMPTS = [[1, 5, 9, 200, 31, 7, 64], [1, 77], [1, 300, 301, 302]]
 PUBLISHED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
 
