@@ -13,9 +13,9 @@ copies (memory-mapped weights it does not copy are paged in by the first forward
 Each round runs one greedy generate per batch size: the time until the first logits is the
 prefill (time to first token), the rest is decode. With --compare hf the same rounds run
 transformers' generate on the same weights, alternating with ours, and the ratios ours/HF are
-given as median [min-max] over rounds. On a GPU the clock waits for the device at the end of the prefill and of the round
-(torch.cuda.synchronize), and the load also reports peak GPU memory over the weight bytes.
-Progress goes to stderr, the table (or with --json, a
+given as median [min-max] over rounds. On a GPU the clock waits for the device
+(torch.cuda.synchronize) at the end of the prefill and of the round, and the load also reports
+peak GPU memory over the weight bytes. Progress goes to stderr, the table (or with --json, a
 JSON object) to stdout.
 """
 from __future__ import annotations
