@@ -389,7 +389,6 @@ class Transformer(nn.Module):
         self.register_buffer("seq_index", None, persistent=False)  # arange(max_seq_len), for masks
         self.register_buffer("batch_index", None, persistent=False)  # arange(max_batch_size), for cache writes
         self.compiled_step = None  # set by compile_decode_()
-        self.cache_shape: Optional[Tuple[int, int]] = None  # (max_batch_size, max_seq_len), set by setup_cache()
 
     def fuse_(self) -> "Transformer":
         """Fuse wq/wk/wv and w1/w3 of every layer (after loading: checkpoints keep the separate names)."""
@@ -454,9 +453,14 @@ class Transformer(nn.Module):
         device = device or weight.device
         for layer in self.layers:
             layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype or weight.dtype)
-        self.cache_shape = (max_batch_size, max_seq_len)
         self.seq_index = torch.arange(max_seq_len, device=device)
         self.batch_index = torch.arange(max_batch_size, device=device)
+
+    @property
+    def cache_shape(self) -> Optional[Tuple[int, int]]:
+        """(max_batch_size, max_seq_len) of the KV cache, or None before setup_cache."""
+        cache = self.layers[0].attention.cache  # (B, 2 * Hkv, S, D)
+        return None if cache is None else (cache.shape[0], cache.shape[2])
 
     @torch.inference_mode()
     def hidden(
