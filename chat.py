@@ -20,7 +20,7 @@ import torch.distributed as dist
 from example import run_cli, say
 from llama import Dialog, Llama
 from llama.distributed import env_rank
-from llama.generation import strip_reserved_tags
+from llama.chat_format import strip_reserved_tags
 
 
 def read_line() -> Optional[str]:

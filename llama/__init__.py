@@ -1,6 +1,7 @@
 """Pure-PyTorch LLaMA inference with fairscale model parallelism."""
-from llama.checkpoint import CheckpointError
-from llama.generation import ChatPrediction, CompletionPrediction, Dialog, Llama, LogitsError, Message, Score
+from llama.chat_format import Dialog, Message
+from llama.errors import CheckpointError, LogitsError
+from llama.generation import ChatPrediction, CompletionPrediction, Llama, Score
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
 

@@ -23,14 +23,12 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from llama.errors import CheckpointError
 from llama.model import ModelArgs
-
-if TYPE_CHECKING:
-    from llama.hf import HFCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +41,6 @@ _ROW = ("wo.weight", "w2.weight", "tok_embeddings.weight")
 # the rows of a column-parallel weight, whole on every shard for a row-parallel one.
 _COLUMN_SCALES = tuple(n.replace(".weight", ".scales") for n in _COLUMN)
 _DERIVED = ("rope.freqs",)  # a RoPE table some Llama 1 checkpoints carry; the model computes its own
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used as it is."""
 
 
 def shard_dim(name: str) -> Optional[int]:
@@ -378,26 +372,6 @@ class MetaCheckpoint:
         progress.done()
 
 
-def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[MetaCheckpoint, HFCheckpoint]:
-    """Validate a Meta or Hugging Face checkpoint folder for `world_size` model-parallel ranks."""
-    from llama.hf import HFCheckpoint, is_hf_folder
-
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer")
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist: pass --ckpt_dir with a Meta "
-                                "(params.json + consolidated.NN.pth) or Hugging Face (config.json + "
-                                "*.safetensors) checkpoint folder")
-    if (folder / "params.json").exists() or any(folder.glob("consolidated.*.pth")):
-        return MetaCheckpoint(folder, world_size)
-    if is_hf_folder(folder):
-        return HFCheckpoint(folder, world_size)
-    raise CheckpointError(f"{folder} holds neither a Meta checkpoint (params.json is missing, and no "
-                          "consolidated.NN.pth) nor a Hugging Face one (no config.json): point --ckpt_dir at "
-                          "a checkpoint folder")
-
-
 def split_state_dict(full: StateDict, n: int) -> List[StateDict]:
     """Cut a whole-model state dict into `n` Meta-layout shards."""
     shards: List[StateDict] = [{} for _ in range(n)]
@@ -447,60 +421,11 @@ def write_checkpoint(out_dir: str | os.PathLike, params: dict, full: StateDict, 
     return write_shards(out_dir, params, split_state_dict(full, num_shards), tokenizer_path)
 
 
-def write_meta(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike, num_shards: int) -> Path:
-    """Write any opened checkpoint (see open_checkpoint) in Meta's layout with `num_shards` shards,
+def write_meta(ckpt, out_dir: str | os.PathLike, num_shards: int) -> Path:
+    """Write any opened checkpoint (see loading.open_checkpoint) in Meta's layout with `num_shards` shards,
     keeping its dtypes and, for a Meta source, its params.json and embedding split."""
     shards = (dict(ckpt.rank_tensors(r, num_shards, embedding_dim=ckpt.embedding_dim)) for r in range(num_shards))
     tokenizer = ckpt.path / "tokenizer.model"
     if not tokenizer.is_file():
         log.warning("%s has no tokenizer.model: copy one into %s before running it", ckpt.path, out_dir)
     return write_shards(out_dir, ckpt.params, shards, tokenizer if tokenizer.is_file() else None)
-
-
-def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved RoPE rows -> Hugging Face's rotate-half rows, per head."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // n_heads
-    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of hf_permute."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // n_heads
-    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-_HF_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-
-
-def hf_name(name: str) -> str:
-    """transformers' LlamaForCausalLM name of Meta tensor `name`."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
-    return f"model.layers.{i}.{_HF_NAMES[rest]}"
-
-
-def meta_to_hf(full: StateDict, n_heads: int, n_kv_heads: int) -> StateDict:
-    """A whole Meta state dict renamed and permuted for transformers' LlamaForCausalLM."""
-    out: StateDict = {}
-    for name, t in full.items():
-        if name.endswith("attention.wq.weight"):
-            t = hf_permute(t, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = hf_permute(t, n_kv_heads)
-        out[hf_name(name)] = t
-    return out

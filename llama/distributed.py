@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from llama.errors import CheckpointError, LogitsError, NonFiniteError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -108,7 +110,8 @@ class RankError(RuntimeError):
 
 
 # Error types that may be re-created by name on the ranks that did not raise them.
-_MIRRORED = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, OSError, MemoryError)}
+_MIRRORED = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, OSError, MemoryError,
+                                            CheckpointError, NonFiniteError, LogitsError)}
 
 
 def on_every_rank(step: Callable[[], T], same: Any = None, what: str = "arguments") -> T:
@@ -143,10 +146,8 @@ def on_every_rank(step: Callable[[], T], same: Any = None, what: str = "argument
     rank, (kind, message) = failed[0]
     if rank == dist.get_rank():
         raise error
-    from llama.checkpoint import CheckpointError  # local: checkpoint imports nothing from here
-
     kind = "MemoryError" if kind == "OutOfMemoryError" else kind  # torch's (a RuntimeError) reads as one
-    cls = CheckpointError if kind == "CheckpointError" else _MIRRORED.get(kind, RankError)
+    cls = _MIRRORED.get(kind, RankError)
     raise cls(f"rank {rank}: {message}" if cls is not RankError else f"rank {rank}: {kind}: {message}")
 
 

@@ -1,41 +1,28 @@
 """`Llama`: build a model from a checkpoint, then generate, stream, complete text, chat and score."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 import logging
 import math
-import os
-import time
-from typing import (Collection, FrozenSet, Iterable, Iterator, List, Literal, NamedTuple, Optional, Sequence, Tuple,
+from typing import (Collection, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
                     TypedDict, Union)
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import layers as fairscale_layers
 
-from llama.checkpoint import CheckpointError, open_checkpoint
-from llama.distributed import (available_memory, env_world_size, on_every_rank, resolve_device, resolve_dtype,
-                               setup_model_parallel)
-from llama.model import ModelArgs, Transformer
-from llama.numerics import NonFiniteError, all_finite, locate_nonfinite
-from llama.quantize import check_mode, prepare_for_state_
-from llama.tokenizer import Llama3Tokenizer, Tokenizer, load_tokenizer
+from llama.chat_format import Dialog, Message, encode_dialog
+from llama.distributed import env_world_size, on_every_rank, resolve_device, resolve_dtype
+from llama.errors import LogitsError, check_positive_int
+from llama.loading import load_model
+from llama.model import Transformer
+from llama.numerics import locate_nonfinite
+from llama.quantize import check_mode
+from llama.sampling import check_sampling, sample
+from llama.text import TextStream, check_stop, decode_continuation
+from llama.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
 
-AnyTokenizer = Union[Tokenizer, Llama3Tokenizer]
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-Dialog = List[Message]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -54,138 +41,6 @@ class Score(NamedTuple):
     logprob: float  # summed log-probability of the continuation given the context
     is_greedy: bool  # every continuation token is the argmax given everything before it
     n_tokens: int  # continuation tokens scored
-
-
-class LogitsError(NonFiniteError):
-    """The model produced logits no token can be sampled from (NaN, +inf, or all -inf)."""
-
-
-# Llama 2 chat format.
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-_LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
-
-# Tokens of context kept to decode the next piece of a stream: enough for SentencePiece to
-# keep the piece's leading space; the full history is never re-decoded.
-_STREAM_CONTEXT = 16
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1]; use 1.0 to disable nucleus sampling")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0; use 0 to disable top-k sampling")
-
-
-def check_stop(stop: Union[str, Sequence[str], None]) -> List[str]:
-    """`stop` as a list of non-empty strings."""
-    if stop is not None and not isinstance(stop, (str, list, tuple)):
-        raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop={stop!r} must be a non-empty string or a list of them")
-    return stops
-
-
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Sample one token per row from the smallest set of tokens whose probability exceeds `top_p`."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs[mass_before > top_p] = 0.0  # the top token always survives: its mass_before is 0
-    sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-           generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row of (B, vocab) logits: argmax at temperature 0, else top-k, then top-p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # Shift the max to 0 first: then even a temperature so small that 1/temperature overflows
-    # gives -inf for the other tokens and 0 for the top one, never inf - inf = NaN.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return sample_top_p(torch.softmax(logits, dim=-1), top_p, generator)
-
-
-def decode_continuation(tokenizer: AnyTokenizer, context: Sequence[int], tokens: Sequence[int]) -> str:
-    """The text `tokens` add after `context`, keeping the leading space SentencePiece drops when a
-    piece is decoded on its own."""
-    if not context:
-        return tokenizer.decode(tokens)
-    before = tokenizer.decode(context)
-    full = tokenizer.decode(list(context) + list(tokens))
-    return full[len(before):] if full.startswith(before) else tokenizer.decode(tokens)
-
-
-class TextStream:
-    """The text of tokens generated after `context`, built one token at a time and cut before
-    the first stop string.
-
-    Streaming, stop strings and the final text all read it from here, so the streamed pieces add
-    up to the final text exactly. A piece is settled only once it ends in a whole character (a
-    multi-byte character may arrive as several byte tokens), and `pop` holds back any tail that
-    could still grow into a stop string.
-    """
-
-    def __init__(self, tokenizer: AnyTokenizer, context: Sequence[int], stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.longest_stop = max((len(s) for s in self.stop), default=0)
-        self.context = list(context)[-_STREAM_CONTEXT:]
-        self.pending: List[int] = []  # tokens whose text may still end in half a character
-        self.text = ""  # settled text, cut before a stop string once one appears
-        self.sent = 0  # characters of `text` already handed out by pop()
-        self.stopped = False  # a stop string appeared
-        self.finished = False  # no more tokens will come
-
-    def push(self, token: int) -> bool:
-        """Add a token; True once a stop string has appeared."""
-        self.pending.append(token)
-        piece = decode_continuation(self.tokenizer, self.context, self.pending)
-        if not piece.endswith("\ufffd"):
-            self._settle(piece)
-        return self.stopped
-
-    def finish(self) -> None:
-        """No more tokens: settle the pending ones, even if they end in a broken character."""
-        if self.pending and not self.stopped:
-            self._settle(decode_continuation(self.tokenizer, self.context, self.pending))
-        self.finished = True
-
-    def _settle(self, piece: str) -> None:
-        self.context = (self.context + self.pending)[-_STREAM_CONTEXT:]
-        self.pending = []
-        start = max(0, len(self.text) - self.longest_stop + 1)  # a stop string may straddle old and new text
-        self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-
-    def pop(self) -> str:
-        """Text settled since the last pop, up to where no stop string could still begin."""
-        end = len(self.text) if self.stopped or self.finished else len(self.text) - self._stop_prefix()
-        piece = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return piece
-
-    def _stop_prefix(self) -> int:
-        """The length of the longest tail of `text` that begins some stop string."""
-        for k in range(min(len(self.text), self.longest_stop - 1), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stop):
-                return k
-        return 0
 
 
 class _Row:
@@ -218,75 +73,6 @@ class _Row:
             self.stream.finish()
 
 
-# Chat formats: the tokenizer's family decides.
-
-def reserved_tags(tokenizer: AnyTokenizer) -> Tuple[str, ...]:
-    """Text a dialog message may not contain in the tokenizer's chat format."""
-    return tuple(tokenizer.special_tokens) if isinstance(tokenizer, Llama3Tokenizer) else _LLAMA2_TAGS
-
-
-def strip_reserved_tags(tokenizer: AnyTokenizer, text: str) -> str:
-    """`text` without the chat format's reserved tags, e.g. a model's answer before it joins a history."""
-    for tag in reserved_tags(tokenizer):
-        text = text.replace(tag, "")
-    return text
-
-
-def encode_dialog(tokenizer: AnyTokenizer, dialog: Dialog) -> List[int]:
-    """The prompt tokens asking the assistant to answer `dialog`, in the tokenizer's chat format."""
-    if isinstance(tokenizer, Llama3Tokenizer):
-        return _encode_llama3_dialog(tokenizer, dialog)
-    return _encode_llama2_dialog(tokenizer, dialog)
-
-
-def _encode_llama2_dialog(tok: Tokenizer, dialog: Dialog) -> List[int]:
-    """Llama 2: a system message folds into the first user turn; each finished (user, assistant)
-    exchange is wrapped in BOS ... EOS; the last user turn is left open."""
-    _check_dialog(dialog, reserved_tags(tok))
-    if dialog[0]["role"] == "system":
-        first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-        dialog = [first] + list(dialog[2:])
-    tokens: List[int] = []
-    for user, answer in zip(dialog[::2], dialog[1::2]):
-        text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-        tokens += tok.encode(text, bos=True, eos=True)
-    tokens += tok.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-    return tokens
-
-
-def _encode_llama3_dialog(tok: Llama3Tokenizer, dialog: Dialog) -> List[int]:
-    """Llama 3: <|begin_of_text|>, then each message as a role header, its content and <|eot_id|>;
-    an open assistant header ends the prompt."""
-    _check_dialog(dialog, reserved_tags(tok))
-    tokens = [tok.bos_id]
-    for m in dialog:
-        tokens += _llama3_header(tok, m["role"]) + tok.encode(m["content"].strip(), bos=False, eos=False)
-        tokens.append(tok.eot_id)
-    return tokens + _llama3_header(tok, "assistant")
-
-
-def _llama3_header(tok: Llama3Tokenizer, role: str) -> List[int]:
-    role_ids = tok.encode(role, bos=False, eos=False)
-    return [tok.start_header_id] + role_ids + [tok.end_header_id] + tok.encode("\n\n", bos=False, eos=False)
-
-
-def _check_dialog(dialog: Dialog, reserved: Sequence[str]) -> None:
-    if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise ValueError("a dialog must be a non-empty list of {'role', 'content'} messages")
-    for i, m in enumerate(dialog):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise ValueError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}")
-        tag = next((t for t in reserved if t in m["content"]), None)
-        if tag is not None:
-            raise ValueError(f"message {i} contains the reserved chat tag {tag!r}: remove it")
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    expected = ["user", "assistant"] * len(turns)
-    if not turns or [m["role"] for m in turns] != expected[: len(turns)] or turns[-1]["role"] != "user":
-        raise ValueError("after an optional system message, roles must alternate user/assistant/... "
-                         "and end with the user")
-
-
 class Llama:
     @staticmethod
     def build(
@@ -310,48 +96,18 @@ class Llama:
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
         """
-        _check_positive_int("max_seq_len", max_seq_len)
-        _check_positive_int("max_batch_size", max_batch_size)
+        check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("max_batch_size", max_batch_size)
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an integer")
         mp_size = model_parallel_size or env_world_size()
-        _check_positive_int("model_parallel_size", mp_size)
+        check_positive_int("model_parallel_size", mp_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize)
 
-        tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
-        start = time.perf_counter()
-        rank, mp_size = setup_model_parallel(mp_size, device)
-
-        def open_files():  # hosts may see different files: agree before the heavy work
-            ckpt = open_checkpoint(ckpt_dir, mp_size)
-            tokenizer = load_tokenizer(tokenizer_path)
-            args = dataclasses.replace(ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-            if tokenizer.n_words > args.vocab_size:
-                raise CheckpointError(
-                    f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
-                    f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
-            return ckpt, tokenizer, args
-
-        ckpt, tokenizer, args = on_every_rank(open_files)
-        with _skip_fairscale_init():
-            model = Transformer(args)
-        if ckpt.quantized:
-            prepare_for_state_(model, ckpt.names)  # int8 layout for a checkpoint from scripts/quantize.py
-
-        def load() -> None:  # what one rank can fail at alone: its own files, its own memory
-            _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
-            _check_cache_fits(args, mp_size, dtype, device)
-
-        on_every_rank(load)
-        model.to(device)  # buffers (RoPE table)
-        model.eval().requires_grad_(False)
-        model.setup_cache(max_batch_size, max_seq_len, device, dtype)
-        with _skip_fairscale_init():  # fusing builds new parallel layers
-            model.optimize_(quantize=quantize, compile=compile)
-        log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
-                 time.perf_counter() - start)
+        model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
+                                      compile=compile, quantize=quantize)
         return Llama(model, tokenizer, seed=seed)
 
 
@@ -710,53 +466,3 @@ def _pieces(rows: List[_Row], steps: Iterator[None]) -> Iterator[List[str]]:
         pieces = [r.stream.pop() for r in rows]
         if any(pieces):
             yield pieces
-
-
-@contextlib.contextmanager
-def _skip_fairscale_init() -> Iterator[None]:
-    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway.
-
-    With more than one process fairscale fills each weight by allocating the whole matrix and
-    copying this rank's slice out of it: that writes a float32 copy of the rank's weights, which
-    would double the peak memory of loading (bf16: more than double). Patched only while building.
-    """
-    with mock.patch.object(fairscale_layers, "_initialize_affine_weight", lambda *args, **kwargs: None):
-        yield
-
-
-def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one rank's KV cache: keys and values for every layer, batch row and position."""
-    per_token = 2 * args.n_layers * (args.n_kv_heads // mp_size) * args.head_dim * dtype.itemsize
-    return per_token * args.max_batch_size * args.max_seq_len
-
-
-def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    need, free = kv_cache_bytes(args, mp_size, dtype), available_memory(device)
-    if free is not None and need > 0.9 * free:
-        gib = 2**30
-        raise MemoryError(
-            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} needs "
-            f"{need / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB is free after loading the weights: "
-            f"lower max_batch_size or max_seq_len (the cache grows with their product), or use more processes")
-
-
-def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
-    """Swap each tensor into the model as it arrives, so the placeholder it replaces is freed
-    before the next one is read: loading never holds two copies of the weights. A weight with
-    NaN or inf is refused by name rather than left to turn into garbage text."""
-    expected = {name: t.shape for name, t in model.state_dict().items()}  # shapes only: no references
-    seen = set()
-    for name, tensor in tensors:
-        if tensor.shape != expected.get(name):
-            raise CheckpointError(f"{source}: {name} of shape {tuple(tensor.shape)} does not fit the model "
-                                  f"(expected {expected.get(name)})")
-        if not all_finite(tensor):
-            raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
-                                 "or convert it again")
-        module, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(module)
-        # int8 weights and their scales are buffers (llama.quantize); everything else a parameter
-        setattr(owner, leaf, tensor if leaf in owner._buffers else torch.nn.Parameter(tensor, requires_grad=False))
-        seen.add(name)
-    if seen != set(expected):
-        raise CheckpointError(f"{source}: no weights for {sorted(set(expected) - seen)[:5]}")

@@ -1,7 +1,7 @@
 """Hugging Face Llama folders: config.json plus model.safetensors or model-0000N-of-0000M.safetensors
 with model.safetensors.index.json, read one rank's slices at a time and written from any checkpoint.
 
-Hugging Face stores wq/wk rows in rotate-half order (see checkpoint.hf_permute); reading undoes it
+Hugging Face stores wq/wk rows in rotate-half order (see hf_permute); reading undoes it
 per rank slice, which works because a rank's rows are whole heads.
 """
 from __future__ import annotations
@@ -16,13 +16,64 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llama.checkpoint import (CheckpointError, MetaCheckpoint, Progress, assemble, atomic_folder, check_names,
-                              check_world, extent, ffn_params, full_shapes, hf_name, hf_permute, hf_unpermute,
-                              model_args, read_json, region, shard_dim)
+from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, atomic_folder, check_names, check_world,
+                              extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
+from llama.errors import CheckpointError
 from llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
 _DERIVED = ("rotary_emb.inv_freq",)  # a RoPE table older transformers saved; the model computes its own
+
+
+def hf_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Meta's interleaved RoPE rows (x0, x1), (x2, x3), ... -> Hugging Face's rotate-half rows
+    (x0, x2, ..., x1, x3, ...), per head; `inverse` goes back. Rows are dim 0 (wq, wk, a LoRA B)."""
+    head_dim = w.shape[0] // n_heads
+    pairs = (2, head_dim // 2) if inverse else (head_dim // 2, 2)
+    return w.reshape(n_heads, *pairs, -1).transpose(1, 2).reshape(w.shape)
+
+
+def rope_heads(name: str, args: ModelArgs) -> Optional[int]:
+    """How many heads tensor `name` holds when its rows are RoPE-rotated (wq, wk), else None."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+_HF_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """transformers' LlamaForCausalLM name of Meta tensor `name`."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
+    return f"model.layers.{i}.{_HF_NAMES[rest]}"
+
+
+def to_hf(name: str, t: torch.Tensor, args: ModelArgs) -> Tuple[str, torch.Tensor]:
+    """Meta tensor `name` (whole) as transformers' LlamaForCausalLM names and orders it."""
+    heads = rope_heads(name, args)
+    return hf_name(name), t if heads is None else hf_permute(t, heads)
+
+
+def meta_to_hf(full: StateDict, args: ModelArgs) -> StateDict:
+    """A whole Meta state dict renamed and permuted for transformers' LlamaForCausalLM."""
+    return dict(to_hf(name, t, args) for name, t in full.items())
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -160,8 +211,8 @@ class HFCheckpoint:
             with _open(self.headers[source][0]) as f:
                 whole = region(shapes[name], None, 0, 1)
                 out = assemble(wanted(name), [(whole, f.get_slice(source))], dtype, device)
-            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                out = hf_unpermute(out, out.shape[0] // self.args.head_dim)  # (local heads * head_dim, dim)
+            if rope_heads(name, self.args) is not None:  # this rank's rows are whole heads
+                out = hf_permute(out, out.shape[0] // self.args.head_dim, inverse=True)
             progress.add(out)
             yield name, out
         progress.done()
@@ -181,7 +232,7 @@ def _token_ids(folder: Path) -> Tuple[Optional[int], Union[int, List[int], None]
 
 def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
              max_file_bytes: int = 5 * 2**30) -> Path:
-    """Write any opened checkpoint (see checkpoint.open_checkpoint) as a Hugging Face Llama folder,
+    """Write any opened checkpoint (see loading.open_checkpoint) as a Hugging Face Llama folder,
     atomically, in safetensors files of at most `max_file_bytes` (one file when it fits)."""
     args = ckpt.args
     with atomic_folder(out_dir) as tmp:
@@ -189,16 +240,13 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
         group: Dict[str, torch.Tensor] = {}
         size, dtype = 0, None
         for name, t in ckpt.rank_tensors(0, 1):
-            if name.endswith("attention.wq.weight"):
-                t = hf_permute(t, args.n_heads)
-            elif name.endswith("attention.wk.weight"):
-                t = hf_permute(t, args.n_kv_heads)
+            key, t = to_hf(name, t, args)
             nbytes = t.numel() * t.element_size()
             if group and size + nbytes > max_file_bytes:
                 save_file(group, tmp / f"part{len(groups)}", metadata={"format": "pt"})
                 groups.append(list(group))
                 group, size = {}, 0
-            group[hf_name(name)] = t.contiguous()
+            group[key] = t.contiguous()
             size += nbytes
             dtype = dtype or t.dtype
         save_file(group, tmp / f"part{len(groups)}", metadata={"format": "pt"})

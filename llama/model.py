@@ -24,6 +24,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
+from llama.errors import check_positive_int
 from llama.quantize import int8_linear, quantize_model_, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ class ModelArgs:
 
     def validate(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: fix params.json")
         if self.n_heads % self.n_kv_heads:

@@ -6,9 +6,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-
-class NonFiniteError(ValueError):
-    """A weight or activation holds NaN or inf."""
+from llama.errors import NonFiniteError  # noqa: F401 - raised by callers of this module
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -140,10 +140,12 @@ class Llama3Tokenizer:
         return self.model.decode(list(ids), errors="replace")
 
 
+AnyTokenizer = Union[Tokenizer, Llama3Tokenizer]
+
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 
 
-def load_tokenizer(path: str | os.PathLike) -> Union[Tokenizer, Llama3Tokenizer]:
+def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
     """The tokenizer for `path`: tiktoken when the file holds `base64 rank` lines, else SentencePiece."""
     path = Path(path)
     _check_file(path)

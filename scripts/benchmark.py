@@ -33,7 +33,9 @@ import fire
 import torch
 
 from llama import Llama
-from llama.checkpoint import meta_to_hf, open_checkpoint, write_checkpoint
+from llama.checkpoint import write_checkpoint
+from llama.hf import meta_to_hf
+from llama.loading import open_checkpoint
 from llama.hf import params_to_config
 from llama.distributed import resolve_device, resolve_dtype
 from llama.model import ModelArgs
@@ -128,7 +130,7 @@ def hf_model(ckpt_dir: str, dtype: torch.dtype, device: torch.device):
     p = ckpt.args
     config = transformers.LlamaConfig(**params_to_config(p, dtype), pad_token_id=0)
     full = dict(ckpt.rank_tensors(0, 1))
-    hf_state = {k: v.to(dtype) for k, v in meta_to_hf(full, p.n_heads, p.n_kv_heads).items()}
+    hf_state = {k: v.to(dtype) for k, v in meta_to_hf(full, p).items()}
     with torch.device("meta"):  # no random init of weights that are replaced right away
         model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(hf_state, assign=True, strict=False)

@@ -11,7 +11,8 @@ import sys
 
 import fire
 
-from llama.checkpoint import open_checkpoint, write_meta
+from llama.checkpoint import write_meta
+from llama.loading import open_checkpoint
 from llama.hf import write_hf
 
 

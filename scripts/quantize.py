@@ -11,7 +11,9 @@ from pathlib import Path
 
 import fire
 
-from llama.checkpoint import CheckpointError, MetaCheckpoint, open_checkpoint, write_checkpoint
+from llama.checkpoint import MetaCheckpoint, write_checkpoint
+from llama.errors import CheckpointError
+from llama.loading import open_checkpoint
 from llama.quantize import check_mode, quantize_state_dict
 
 

@@ -10,7 +10,8 @@ import sys
 
 import fire
 
-from llama.checkpoint import open_checkpoint, write_meta
+from llama.checkpoint import write_meta
+from llama.loading import open_checkpoint
 
 
 def main(in_dir: str, out_dir: str, num_shards: int) -> None:

@@ -4,7 +4,7 @@ import pytest
 from chat import fit_dialog
 from conftest import run_python, torchrun
 from llama import Llama
-from llama.generation import strip_reserved_tags
+from llama.chat_format import strip_reserved_tags
 
 ARGS = ["--temperature", "0", "--max_gen_len", "10", "--max_seq_len", "128", "--system", "Be brief."]
 

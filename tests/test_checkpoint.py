@@ -11,8 +11,10 @@ import torch
 from conftest import run_python, torchrun
 from dist_worker import PROMPTS
 from llama import Llama, ModelArgs
-from llama.checkpoint import (CheckpointError, assemble, full_shapes, load_shard, open_checkpoint, release_pages,
-                              split_state_dict, write_checkpoint, write_meta)
+from llama.checkpoint import (assemble, full_shapes, load_shard, release_pages, split_state_dict, write_checkpoint,
+                              write_meta)
+from llama.errors import CheckpointError
+from llama.loading import open_checkpoint
 from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
 from test_stories import PUBLISHED
 

@@ -8,7 +8,9 @@ import torch
 from conftest import run_python
 from dist_worker import PROMPTS
 from llama import Llama
-from llama.checkpoint import CheckpointError, load_shard, open_checkpoint, split_state_dict
+from llama.checkpoint import load_shard, split_state_dict
+from llama.errors import CheckpointError
+from llama.loading import open_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.generation import B_INST, B_SYS, E_INST, E_SYS, LogitsError, sample
+from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS
+from llama.errors import LogitsError
+from llama.sampling import sample
 
 PROMPTS = ["The cat sat on the", "A", "Then the brave little girl ran into the dark forest and", "One two"]
 

@@ -5,7 +5,7 @@ import torch
 from conftest import asset, random_model
 from llama import Llama, ModelArgs
 from llama.checkpoint import write_checkpoint
-from llama.generation import encode_dialog
+from llama.chat_format import encode_dialog
 from llama.model import precompute_freqs_cis
 from llama.tiny import TINY_PARAMS, random_state_dict
 from llama.tokenizer import load_tokenizer

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from llama.checkpoint import meta_to_hf
+from llama.hf import meta_to_hf
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
@@ -70,7 +70,7 @@ def test_logits_match_transformers(n_kv_heads):
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
     )
     ref = transformers.LlamaForCausalLM(config).eval()
-    missing, unexpected = ref.load_state_dict(meta_to_hf(sd, args.n_heads, args.n_kv_heads), strict=False)
+    missing, unexpected = ref.load_state_dict(meta_to_hf(sd, args), strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -4,7 +4,8 @@ import torch
 
 from conftest import random_model
 from llama import Llama, LogitsError
-from llama.numerics import NonFiniteError, all_finite, locate_nonfinite
+from llama.errors import NonFiniteError
+from llama.numerics import all_finite, locate_nonfinite
 
 
 def test_locate_names_the_first_module_that_overflows_in_float16():

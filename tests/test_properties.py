@@ -6,7 +6,6 @@ searches longer.
 """
 import math
 
-import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 

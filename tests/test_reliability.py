@@ -4,7 +4,7 @@ import torch
 
 from conftest import torchrun
 from llama import Llama
-from llama.generation import kv_cache_bytes
+from llama.loading import kv_cache_bytes
 
 
 @pytest.mark.parametrize("kind, expected", [

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 import llama.generation
 from conftest import ASSETS, run_python, torchrun
-from llama.generation import TextStream, decode_continuation
+from llama.text import TextStream, decode_continuation
 from llama.tokenizer import Tokenizer, load_tokenizer
 from test_tokenizer import write_tiny_tiktoken
 
