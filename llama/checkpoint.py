@@ -251,17 +251,20 @@ def _row_blocks(src: tuple, dst: tuple) -> Iterator[Tuple[tuple, tuple]]:
 
 
 def assemble(want: Region, parts: Iterable[Tuple[Region, object]], dtype: Optional[torch.dtype],
-             device: Union[str, torch.device], release: Optional[Callable[[torch.Tensor], None]] = None
-             ) -> torch.Tensor:
+             device: Union[str, torch.device], release: Optional[Callable[[torch.Tensor], None]] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The `want` region of a tensor, copied from whichever `parts` (region, sliceable) overlap it.
 
     A sliceable is a tensor or a safetensors slice: indexing it with a tuple of slices gives a tensor.
-    The result has `dtype` (None: the parts' own), converted piece by piece. The copy goes in
+    The result is `out` when given (filled in place, in its own dtype and device), else a new tensor
+    of `dtype` (None: the parts' own), converted piece by piece. The copy goes in
     blocks of rows, each handed to `release` once copied: so the source data held besides the
     result (pages of a mapped file, a block read from safetensors) is one block, not the whole
     tensor, which for the largest tensor would otherwise set the peak of a load.
     """
-    out = None
+    if out is not None and list(out.shape) != extent(want):
+        raise CheckpointError(f"a checkpoint slice of shape {tuple(extent(want))} does not fit the model's "
+                              f"{tuple(out.shape)}")
     for have, source in parts:
         both = overlap(have, want)
         if both is None:
@@ -336,11 +339,12 @@ class MetaCheckpoint:
                         "download or convert the checkpoint again")
 
     def rank_tensors(self, rank: int, world_size: int, dtype: Optional[torch.dtype] = None,
-                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1,
-                     log_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1, log_progress: bool = True,
+                     into: Optional[Callable[[str], torch.Tensor]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield (name, this rank's slice) tensor by tensor, each complete and owned (no file pages).
 
-        Slices follow the model's split (`shard_dim`); `embedding_dim` picks the embedding's.
+        Slices follow the model's split (`shard_dim`); `embedding_dim` picks the embedding's. With
+        `into`, each slice is copied into `into(name)` (a model's tensor, in its dtype) and yielded as it.
         """
         n = len(self.shards)
         shapes = full_shapes(self.args, self.quantized)
@@ -366,7 +370,8 @@ class MetaCheckpoint:
             sources = needed if dims(name)[0] is not None else needed[:1]
             parts = [(held(name, i), self.shards[i][name]) for i in sources]
             float_weight = parts[0][1].is_floating_point() and not name.endswith(".scales")
-            out = assemble(wanted(name), parts, dtype if float_weight else None, device, release=release_pages)
+            out = assemble(wanted(name), parts, dtype if float_weight else None, device, release=release_pages,
+                           out=None if into is None else into(name))
             progress.add(out)
             yield name, out
         progress.done()

@@ -1,28 +1,31 @@
-"""`Llama`: build a model from a checkpoint, then generate, stream, complete text, chat and score."""
+"""`Llama`: build a model from a checkpoint, then generate, stream, complete text, chat and score.
+
+Every method turns its prompts into engine requests (llama.engine), one per prompt, and waits for
+them; calls from several threads share the engine's steps.
+"""
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-from typing import (Collection, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
-                    TypedDict, Union)
+import threading
+from typing import Collection, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
-import torch.nn.functional as F
 
-from llama.chat_format import Dialog, Message, encode_dialog
+from llama.chat_format import Dialog, Message, check_chat_format, encode_dialog
 from llama.distributed import env_world_size, on_every_rank, resolve_device, resolve_dtype
-from llama.errors import LogitsError, check_positive_int
+from llama.engine import Engine, Request
+from llama.errors import check_positive_int
 from llama.loading import load_model
 from llama.model import Transformer
-from llama.numerics import locate_nonfinite
 from llama.quantize import check_mode
-from llama.sampling import check_sampling, sample
-from llama.text import TextStream, check_stop, decode_continuation
+from llama.sampling import check_sampling
+from llama.text import check_stop, decode_continuation
 from llama.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
 
+Stop = Union[str, Sequence[str], None]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -43,36 +46,6 @@ class Score(NamedTuple):
     n_tokens: int  # continuation tokens scored
 
 
-class _Row:
-    """One prompt's generation: its new tokens (stop tokens excluded) and, when text is wanted,
-    their TextStream."""
-
-    def __init__(self, prompt: Sequence[int], max_new: int, stream: Optional[TextStream]):
-        self.prompt = list(prompt)
-        self.max_new = max_new
-        self.stream = stream
-        self.tokens: List[int] = []
-        self.logprobs: List[float] = []
-        self.prompt_logprobs: List[float] = []  # filled for echo with logprobs
-        self.done = False
-        if max_new == 0:
-            self._end()
-
-    def add(self, token: int, logprob: Optional[float], stop_ids: Collection[int]) -> None:
-        if token in stop_ids:
-            self._end()
-            return
-        self.tokens.append(token)
-        self.logprobs.append(logprob)
-        if (self.stream is not None and self.stream.push(token)) or len(self.tokens) >= self.max_new:
-            self._end()
-
-    def _end(self) -> None:
-        self.done = True
-        if self.stream is not None:
-            self.stream.finish()
-
-
 class Llama:
     @staticmethod
     def build(
@@ -86,6 +59,8 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
         quantize: Optional[str] = None,
+        prefill_chunk: int = 256,
+        chat_format: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -95,152 +70,45 @@ class Llama:
         gloo on CPU; a plain `python` run is a world of one). Arguments are checked before that;
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
+
+        The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens: that many requests run
+        at once, and more wait. A step prefills at most `prefill_chunk` prompt tokens. `chat_format`
+        ("llama2", "llama3") defaults to the tokenizer's.
         """
         check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
-        if not isinstance(seed, int):
+        check_positive_int("prefill_chunk", prefill_chunk)
+        if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r} must be an integer")
         mp_size = model_parallel_size or env_world_size()
         check_positive_int("model_parallel_size", mp_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize)
-
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
                                       compile=compile, quantize=quantize)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format)
 
-
-    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 256,
+                 chat_format: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_format = check_chat_format(chat_format, tokenizer)
         self.device = model.tok_embeddings.weight.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # draws the seeds of calls made without one
+        self._seed_lock = threading.Lock()
+        self._spmd_call: Optional[int] = None  # the thread in a call, under model parallelism without serving
+        self.engine = Engine(model, tokenizer, prefill_chunk)
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.cache_shape[1]
+        return self.engine.max_seq_len
 
     @property
     def max_batch_size(self) -> int:
-        return self.model.cache_shape[0]
+        return self.engine.max_batch_size
 
-    def _check_tokens(self, what: str, tokens: Sequence[int]) -> None:
-        if not isinstance(tokens, (list, tuple)) or not tokens:
-            raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
-        if len(tokens) > self.max_seq_len:
-            raise ValueError(f"{what} has {len(tokens)} tokens, more than max_seq_len={self.max_seq_len}: "
-                             "shorten it or build with a larger max_seq_len")
-        vocab = self.model.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
-            raise ValueError(f"{what} holds token ids outside [0, {vocab})")
-
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
-        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
-        if len(prompt_tokens) > self.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}: "
-                             "pass fewer prompts per call or build with a larger max_batch_size")
-        for i, p in enumerate(prompt_tokens):
-            self._check_tokens(f"prompt {i}", p)
-
-    def _start(
-        self,
-        prompt_tokens: List[List[int]],
-        contexts: Iterable[Optional[List[int]]],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        stop: Union[str, Sequence[str], None],
-        stop_tokens: Optional[Collection[int]],
-        logprobs: bool = False,
-        echo: bool = False,
-    ) -> Tuple[List[_Row], Iterator[None]]:
-        """Check every argument (agreeing with the other ranks that they got the same, valid ones),
-        then set up one row per prompt and the (not yet started) decoding loop. A row gets a
-        TextStream decoding after its context, or none where the context is None."""
-
-        def check() -> Tuple[List[str], List[int]]:
-            check_sampling(temperature, top_p, top_k)
-            if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-                raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
-            self._check_prompts(prompt_tokens)
-            extra = list(stop_tokens or [])
-            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
-                raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
-            return check_stop(stop), extra
-
-        same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo)
-        stops, extra = on_every_rank(check, same, what="prompts or sampling arguments")
-        rows = [_Row(p, min(max_gen_len, self.max_seq_len - len(p)),
-                     None if ctx is None else TextStream(self.tokenizer, ctx, stops))
-                for p, ctx in zip(prompt_tokens, contexts)]
-        stop_ids = self.tokenizer.stop_ids | frozenset(extra)
-        return rows, self._decode(rows, temperature, top_p, top_k, stop_ids, logprobs, echo)
-
-    @torch.inference_mode()
-    def _decode(self, rows: List[_Row], temperature: float, top_p: float, top_k: int, stop_ids: FrozenSet[int],
-                logprobs: bool, echo: bool) -> Iterator[None]:
-        """Prefill every prompt in one forward pass, then decode each row at its own position,
-        adding one token to every unfinished row per step and yielding after each step."""
-        B = len(rows)
-        lens = [len(r.prompt) for r in rows]
-        prompt = torch.zeros((B, max(lens)), dtype=torch.long)  # right-padded; pads are never attended to
-        for i, r in enumerate(rows):
-            prompt[i, : lens[i]] = torch.tensor(r.prompt)
-        prompt = prompt.to(self.device)
-        last = torch.tensor(lens, device=self.device) - 1
-
-        last_input: tuple = (prompt, 0)  # what produced `logits`, to re-run if they turn out non-finite
-        h = self.model.hidden(prompt, 0)  # (B, T, dim)
-        logits = self.model.logits(h[torch.arange(B, device=self.device), last])  # (B, vocab)
-        if logprobs and echo:
-            lp = F.log_softmax(self.model.logits(h[:, :-1]), dim=-1)  # (B, T-1, vocab)
-            prompt_lp = lp.gather(-1, prompt[:, 1:, None]).squeeze(-1).tolist()  # (B, T-1)
-            for i, r in enumerate(rows):
-                r.prompt_logprobs = prompt_lp[i][: lens[i] - 1]
-        del h
-
-        # Rows that share every position (batch 1, prompts of one length) decode at an int position:
-        # the cache write is then a slice, one query needs no mask, and the model's decode step can
-        # skip the module machinery.
-        pos = lens[0] if len(set(lens)) == 1 else last + 1  # where each row's next token goes
-        decode = (self.model.decode_step() or self.model.hidden) if isinstance(pos, int) else None
-        for step in range(max(r.max_new for r in rows)):
-            # Logits holding NaN or +inf, or nothing above -inf, are exactly those whose max is not
-            # finite (max propagates NaN). Sampling must not see them; a live row raises below.
-            peak = logits.amax(-1)  # (B,)
-            if temperature > 0:
-                logits = logits.masked_fill(~peak.isfinite()[:, None], 0.0)
-            next_token = sample(logits, temperature, top_p, top_k, self.generator)
-            # One host sync per step, for tokens and peaks together (token ids are exact in float32).
-            tokens, peaks = torch.stack([next_token.float(), peak.float()]).tolist()
-            bad_row = next((i for i, (r, p) in enumerate(zip(rows, peaks)) if not (r.done or math.isfinite(p))), None)
-            if bad_row is not None:
-                where = locate_nonfinite(self.model, *last_input)
-                raise LogitsError(f"row {bad_row} at generation step {step}: the model's logits are NaN, +inf or "
-                                  "all -inf (overflow in the weights or dtype); try dtype='float32' or 'bf16'. "
-                                  f"First non-finite output: {where or 'none in a module'}")
-            token_lp = [None] * B
-            if logprobs:
-                token_lp = F.log_softmax(logits, dim=-1).gather(-1, next_token[:, None]).squeeze(-1).tolist()
-            for r, t, lp in zip(rows, tokens, token_lp):
-                if not r.done:
-                    r.add(int(t), lp, stop_ids)
-            yield
-            if all(r.done for r in rows):
-                return
-            # Finished rows keep decoding (into their own cache rows) so the batch stays rectangular.
-            if isinstance(pos, int):
-                last_input = (next_token[:, None], pos)
-                h = decode(*last_input)
-            else:
-                kv_len = min(max(lens) + step + 1, self.max_seq_len)
-                last_input = (next_token[:, None], pos.clamp(max=self.max_seq_len - 1))
-                h = self.model.hidden(*last_input, kv_len=kv_len)
-            logits = self.model.logits(h[:, -1])
-            pos = pos + 1
+    # Generation.
 
     def generate(
         self,
@@ -252,37 +120,28 @@ class Llama:
         echo: bool = False,
         *,
         top_k: int = 0,
-        stop: Union[str, Sequence[str], None] = None,
+        stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
+        seed: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt until a stop token, a stop string, or `max_gen_len` new tokens (or
         the end of max_seq_len).
 
-        All prompts are prefilled in one forward pass; each row then decodes at its own position.
         Stop tokens are the tokenizer's (EOS; for Llama 3 also <|eot_id|> and <|eom_id|>) plus
         `stop_tokens`; they are not returned. A row that meets a `stop` string ends with the token
         that completed it. Returns the new tokens per row (the prompt too with `echo`) and, with
-        `logprobs`, each returned token's log-probability (0.0 for the first prompt token).
+        `logprobs`, each returned token's log-probability (0.0 for the first prompt token). Prompt i
+        samples from a generator seeded with `seed + i` (`seed` None: drawn from this object's
+        generator), so a seeded prompt gets the same tokens whatever else runs.
         """
-        contexts = prompt_tokens if stop else itertools.repeat(None)  # stop strings need the text
-        rows, steps = self._start(prompt_tokens, contexts, max_gen_len, temperature, top_p, top_k, stop,
-                                  stop_tokens, logprobs, echo)
-        for _ in steps:
-            pass
-        tokens = [(r.prompt if echo else []) + r.tokens for r in rows]
+        contexts = prompt_tokens if stop else None  # stop strings need the text
+        requests = self._start(prompt_tokens, contexts, max_gen_len, temperature, top_p, top_k, stop, stop_tokens,
+                               logprobs, echo, seed)
+        self._wait(requests)
+        tokens = [(r.prompt if echo else []) + r.tokens for r in requests]
         if not logprobs:
             return tokens, None
-        return tokens, [([0.0] + r.prompt_logprobs if echo else []) + r.logprobs for r in rows]
-
-    def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a list of strings")
-        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-
-    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
-        if not isinstance(dialogs, (list, tuple)):
-            raise TypeError("dialogs must be a list of dialogs (lists of messages)")
-        return [self.encode_dialog(d) for d in dialogs]
+        return tokens, [([0.0] + r.prompt_logprobs if echo else []) + r.token_logprobs for r in requests]
 
     def text_completion(
         self,
@@ -294,16 +153,16 @@ class Llama:
         echo: bool = False,
         *,
         top_k: int = 0,
-        stop: Union[str, Sequence[str], None] = None,
+        stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
+        seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt; the text ends before the first `stop` string, if any appears."""
         prompt_tokens = self._encode_prompts(prompts)
-        rows, steps = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
-                                  top_k, stop, stop_tokens, logprobs, echo)
-        for _ in steps:
-            pass
-        return [self._prediction(r, logprobs, echo) for r in rows]
+        requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
+                               stop, stop_tokens, logprobs, echo, seed)
+        self._wait(requests)
+        return [self._prediction(r, logprobs, echo) for r in requests]
 
     def stream(
         self,
@@ -313,16 +172,18 @@ class Llama:
         max_gen_len: Optional[int] = None,
         *,
         top_k: int = 0,
-        stop: Union[str, Sequence[str], None] = None,
+        stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
-    ) -> Iterator[List[str]]:
+        seed: Optional[int] = None,
+    ) -> "Stream":
         """`text_completion` as it happens: yields, after each decoding step that adds text, one
         string per prompt with its new text ('' where none). Each prompt's pieces join up to its
-        `text_completion` generation exactly. Arguments are checked before this returns."""
+        `text_completion` generation exactly. Arguments are checked, and the prompts queued, before
+        this returns; closing the stream (or dropping it) frees their slots."""
         prompt_tokens = self._encode_prompts(prompts)
-        rows, steps = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p,
-                                  top_k, stop, stop_tokens)
-        return _pieces(rows, steps)
+        requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
+                               stop, stop_tokens, seed=seed)
+        return Stream(self, requests)
 
     def chat_completion(
         self,
@@ -333,17 +194,17 @@ class Llama:
         logprobs: bool = False,
         *,
         top_k: int = 0,
-        stop: Union[str, Sequence[str], None] = None,
+        stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
+        seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the chat format of the tokenizer in use (Llama 2's
-        `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
+        """Answer each dialog as the assistant, in this model's chat format (`chat_format`: by default
+        Llama 2's `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
         prompt_tokens = self._encode_dialogs(dialogs)
-        rows, steps = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len),
-                                  temperature, top_p, top_k, stop, stop_tokens, logprobs)
-        for _ in steps:
-            pass
-        return [self._prediction(r, logprobs, False, role="assistant") for r in rows]
+        requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
+                               top_p, top_k, stop, stop_tokens, logprobs, seed=seed)
+        self._wait(requests)
+        return [self._prediction(r, logprobs, False, role="assistant") for r in requests]
 
     def stream_chat(
         self,
@@ -353,89 +214,43 @@ class Llama:
         max_gen_len: Optional[int] = None,
         *,
         top_k: int = 0,
-        stop: Union[str, Sequence[str], None] = None,
+        stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
-    ) -> Iterator[List[str]]:
+        seed: Optional[int] = None,
+    ) -> "Stream":
         """`chat_completion` as it happens, yielding like `stream`."""
         prompt_tokens = self._encode_dialogs(dialogs)
-        rows, steps = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len),
-                                  temperature, top_p, top_k, stop, stop_tokens)
-        return _pieces(rows, steps)
-
-    def _gen_len(self, max_gen_len: Optional[int]) -> int:
-        return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
-
-    def _prediction(self, row: _Row, logprobs: bool, echo: bool, role: Optional[str] = None) -> dict:
-        text = row.stream.text
-        if echo:
-            text = self.tokenizer.decode(row.prompt) + text
-        out = {"generation": text if role is None else {"role": role, "content": text}}
-        if logprobs:
-            tokens = (row.prompt if echo else []) + row.tokens
-            out["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
-            out["logprobs"] = ([0.0] + row.prompt_logprobs if echo else []) + row.logprobs
-        return out
+        requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
+                               top_p, top_k, stop, stop_tokens, seed=seed)
+        return Stream(self, requests)
 
     def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
-        """The text `tokens` add after `context` (see the module function)."""
+        """The text `tokens` add after `context` (see llama.text.decode_continuation)."""
         return decode_continuation(self.tokenizer, context, tokens)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The chat prompt tokens for `dialog` in the format of this model's tokenizer."""
-        return encode_dialog(self.tokenizer, dialog)
+        """The chat prompt tokens for `dialog` in this model's chat format."""
+        return encode_dialog(self.tokenizer, dialog, self.chat_format)
 
-    @torch.inference_mode()
+    # Scoring.
+
     def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> List[Score]:
         """For each (context, continuation) pair of token lists: the continuation's summed
         log-probability given the context, and whether greedy decoding would produce it.
 
-        One forward pass per `max_batch_size` pairs. Under model parallelism every rank holds the
-        same gathered logits, so every rank returns the same scores.
+        Each pair is a request that prefills and samples nothing; under model parallelism every rank
+        returns the same scores.
         """
-        seqs, starts = on_every_rank(lambda: self._check_pairs(pairs), same=pairs, what="pairs")
-        scores: List[Score] = []
-        for b in range(0, len(seqs), self.max_batch_size):
-            scores += self._score_batch(seqs[b : b + self.max_batch_size], starts[b : b + self.max_batch_size])
+        seqs, starts = self._agreed(lambda: self._check_pairs(pairs), pairs, "pairs")
+        requests = [Request(prompt=s, max_new=0, prompt_stats=True, index=i) for i, s in enumerate(seqs)]
+        self._submit(requests)
+        self._wait(requests)
+        scores = []
+        for r, n in zip(requests, starts):
+            # prompt_logprobs[t] is the log-probability of token t + 1: the continuation's come from n - 1 on
+            lp = torch.tensor(r.prompt_logprobs[n - 1 :], dtype=torch.float64)
+            scores.append(Score(float(lp.sum()), all(r.prompt_greedy[n - 1 :]), len(r.prompt) - n))
         return scores
-
-    def _check_pairs(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> Tuple[List[List[int]], List[int]]:
-        """Each pair's whole token sequence and where its continuation starts."""
-        if not isinstance(pairs, (list, tuple)) or not pairs:
-            raise ValueError("pairs must be a non-empty list of (context, continuation) token lists")
-        seqs, starts = [], []
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError(f"pair {i} must be a (context, continuation) tuple")
-            context, continuation = list(pair[0]), list(pair[1])
-            if not context or not continuation:
-                raise ValueError(f"pair {i} has an empty context or continuation: the context needs at least "
-                                 "BOS and the continuation at least one token")
-            self._check_tokens(f"pair {i} (context + continuation)", context + continuation)
-            seqs.append(context + continuation)
-            starts.append(len(context))
-        return seqs, starts
-
-    def _score_batch(self, seqs: List[List[int]], starts: List[int]) -> List[Score]:
-        B, T = len(seqs), max(len(s) for s in seqs)
-        tokens = torch.zeros((B, T), dtype=torch.long)  # right-padded; causal attention never sees the pads
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s)
-        tokens = tokens.to(self.device)
-        h = self.model.hidden(tokens, 0)  # (B, T, dim)
-        # Position t predicts token t + 1: gather the predicting positions of every continuation.
-        rows = torch.cat([torch.full((len(s) - n,), i) for i, (s, n) in enumerate(zip(seqs, starts))])
-        cols = torch.cat([torch.arange(n - 1, len(s) - 1) for s, n in zip(seqs, starts)])
-        rows, cols = rows.to(self.device), cols.to(self.device)
-        targets = tokens[rows, cols + 1]  # (N,)
-        logprobs, greedy = [], []
-        for hs, tg in zip(h[rows, cols].split(1024), targets.split(1024)):  # bounds the (n, vocab) logits
-            logits = self.model.logits(hs)  # (n, vocab)
-            logprobs.append(F.log_softmax(logits, dim=-1).gather(-1, tg[:, None]).squeeze(-1))
-            greedy.append(logits.argmax(-1) == tg)
-        sizes = [len(s) - n for s, n in zip(seqs, starts)]
-        lp_rows = torch.cat(logprobs).double().split(sizes)
-        greedy_rows = torch.cat(greedy).split(sizes)
-        return [Score(float(lp.sum()), bool(g.all()), n) for lp, g, n in zip(lp_rows, greedy_rows, sizes)]
 
     def score(self, pairs: Sequence[Tuple[str, str]]) -> List[Score]:
         """`score_tokens` for (context, continuation) strings, as evaluation harnesses compute
@@ -460,9 +275,194 @@ class Llama:
         pairs = [([self.tokenizer.bos_id], self.tokenizer.encode(t, bos=False, eos=False)) for t in texts]
         return [math.exp(-s.logprob / s.n_tokens) for s in self.score_tokens(pairs)]
 
+    # Serving.
 
-def _pieces(rows: List[_Row], steps: Iterator[None]) -> Iterator[List[str]]:
-    for _ in steps:
-        pieces = [r.stream.pop() for r in rows]
+    def serve_forever(self) -> None:
+        """Serve requests from other threads until `shutdown`. On rank 0, call it in a thread of its own
+        and make calls from any other threads; on every other rank, call it instead of making calls: it
+        runs rank 0's steps and returns once rank 0 shuts down."""
+        self.engine.serve_forever()
+
+    def shutdown(self) -> None:
+        """Stop serving: queued and running requests end (finish_reason "cancelled"), new calls are refused,
+        and the other ranks' serve_forever returns."""
+        self.engine.shutdown()
+
+    # Requests.
+
+    def _start(self, prompt_tokens: List[List[int]], contexts: Optional[List[List[int]]], max_gen_len: int,
+               temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
+               logprobs: bool = False, echo: bool = False, seed: Optional[int] = None) -> List[Request]:
+        """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
+        same, valid ones), then queue one request per prompt. A request decodes text after its context,
+        or none where `contexts` is None."""
+
+        def check() -> Tuple[List[str], List[int], int]:
+            check_sampling(temperature, top_p, top_k)
+            if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+                raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+                raise ValueError(f"seed={seed!r} must be an integer or None")
+            self._check_prompts(prompt_tokens)
+            extra = list(stop_tokens or [])
+            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
+                raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
+            return check_stop(stop), extra, self._draw_seed() if seed is None else seed
+
+        same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed)
+        stops, extra, base_seed = self._agreed(check, same, "prompts or sampling arguments")
+        stop_ids = self.tokenizer.stop_ids | frozenset(extra)
+        requests = [Request(prompt=list(p), max_new=min(max_gen_len, self.max_seq_len - len(p)),
+                            temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, stop=stops,
+                            text_context=None if contexts is None else list(contexts[i]), logprobs=logprobs,
+                            prompt_stats=logprobs and echo, seed=base_seed + i, index=i)
+                    for i, p in enumerate(prompt_tokens)]
+        self._submit(requests)
+        return requests
+
+    def _agreed(self, check, same, what: str):
+        """`check()` here, and under model parallelism (unless rank 0 serves) on every rank, with the
+        ranks agreeing that they were given the same inputs."""
+        if self.engine.mp_size == 1 or self.engine.serving:
+            if not self.engine.leader:
+                raise RuntimeError("this rank runs rank 0's requests (serve_forever): make calls on rank 0")
+            return check()
+        return on_every_rank(check, same=same, what=what)
+
+    def _submit(self, requests: List[Request]) -> None:
+        if self.engine.mp_size > 1 and not self.engine.serving:
+            me = threading.get_ident()
+            if self._spmd_call not in (None, me):
+                raise RuntimeError("under model parallelism one thread per rank makes calls, every rank the same "
+                                   "ones; to take calls from several threads, run serve_forever() on every rank "
+                                   "but 0 and in a thread of rank 0")
+            self._spmd_call = me
+        self.engine.submit(requests, self.engine.waiter())
+
+    def _wait(self, requests: List[Request], text: bool = False) -> None:
+        """Wait until every request is done (with `text`, until one has text to pop); if one fails,
+        cancel the others and raise its error."""
+
+        def until() -> bool:
+            return (all(r.done for r in requests) or any(r.error for r in requests)
+                    or (text and any(r.stream.ready() for r in requests)))
+
+        try:
+            self.engine.run(until, requests[0].waiter)
+        finally:
+            if not text or any(r.error for r in requests):
+                self.engine.cancel([r for r in requests if not r.done])
+            if all(r.done for r in requests):
+                self._spmd_call = None
+        failed = next((r for r in requests if r.error is not None), None)
+        if failed is not None:
+            raise failed.error
+
+    def _draw_seed(self) -> int:
+        with self._seed_lock:
+            return int(torch.randint(2**62, (), generator=self.generator))
+
+    def _check_tokens(self, what: str, tokens: Sequence[int], limit: int) -> None:
+        if not isinstance(tokens, (list, tuple)) or not tokens:
+            raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
+        if len(tokens) > self.max_seq_len:
+            raise ValueError(f"{what} has {len(tokens)} tokens, more than max_seq_len={self.max_seq_len}: "
+                             "shorten it or build with a larger max_seq_len")
+        if len(tokens) > limit:
+            raise ValueError(f"{what} has {len(tokens)} tokens, which leaves no room for a new one in "
+                             f"max_seq_len={self.max_seq_len}: shorten it or build with a larger max_seq_len")
+        vocab = self.model.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
+            raise ValueError(f"{what} holds token ids outside [0, {vocab})")
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}: "
+                             "pass fewer prompts per call or build with a larger max_batch_size")
+        for i, p in enumerate(prompt_tokens):
+            self._check_tokens(f"prompt {i}", p, self.max_seq_len - 1)
+
+    def _check_pairs(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> Tuple[List[List[int]], List[int]]:
+        """Each pair's whole token sequence and where its continuation starts."""
+        if not isinstance(pairs, (list, tuple)) or not pairs:
+            raise ValueError("pairs must be a non-empty list of (context, continuation) token lists")
+        seqs, starts = [], []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"pair {i} must be a (context, continuation) tuple")
+            context, continuation = list(pair[0]), list(pair[1])
+            if not context or not continuation:
+                raise ValueError(f"pair {i} has an empty context or continuation: the context needs at least "
+                                 "BOS and the continuation at least one token")
+            self._check_tokens(f"pair {i} (context + continuation)", context + continuation, self.max_seq_len)
+            seqs.append(context + continuation)
+            starts.append(len(context))
+        return seqs, starts
+
+    def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of strings")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        if not isinstance(dialogs, (list, tuple)):
+            raise TypeError("dialogs must be a list of dialogs (lists of messages)")
+        return [self.encode_dialog(d) for d in dialogs]
+
+    def _gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _prediction(self, r: Request, logprobs: bool, echo: bool, role: Optional[str] = None) -> dict:
+        text = r.stream.text
+        if echo:
+            text = self.tokenizer.decode(r.prompt) + text
+        out = {"generation": text if role is None else {"role": role, "content": text}}
+        if logprobs:
+            tokens = (r.prompt if echo else []) + r.tokens
+            out["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            out["logprobs"] = ([0.0] + r.prompt_logprobs if echo else []) + r.token_logprobs
+        return out
+
+
+class Stream:
+    """The text of a `stream` / `stream_chat` call as it is generated: iterating yields one string per
+    prompt, its new text ('' where none), whenever some prompt has new text. Closing the stream, or
+    dropping it, cancels what is still running; their slots are freed at the next step."""
+
+    def __init__(self, llama: Llama, requests: List[Request]):
+        self._llama = llama
+        self.requests = requests
+        self._closed = False
+
+    def __iter__(self) -> Iterator[List[str]]:
+        return self
+
+    def __next__(self) -> List[str]:
+        if not self._closed:
+            try:
+                self._llama._wait(self.requests, text=True)
+            except BaseException:
+                self.close()
+                raise
+        with self._llama.engine.lock:
+            pieces = [r.stream.pop() for r in self.requests]
         if any(pieces):
-            yield pieces
+            return pieces
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llama.engine.cancel([r for r in self.requests if not r.done])
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -193,9 +193,10 @@ class HFCheckpoint:
         return files
 
     def rank_tensors(self, rank: int, world_size: int, dtype: Optional[torch.dtype] = None,
-                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1,
-                     log_progress: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Yield (Meta name, this rank's slice) tensor by tensor, reading only the slices from disk."""
+                     device: Union[str, torch.device] = "cpu", embedding_dim: int = 1, log_progress: bool = True,
+                     into: Optional[Callable[[str], torch.Tensor]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield (Meta name, this rank's slice) tensor by tensor, reading only the slices from disk
+        (with `into`, into the given tensors, as checkpoint.MetaCheckpoint.rank_tensors)."""
         shapes = full_shapes(self.args)
 
         def wanted(name: str):
@@ -210,9 +211,10 @@ class HFCheckpoint:
             # Open the file per tensor: closing unmaps it, so the pages read do not stay resident.
             with _open(self.headers[source][0]) as f:
                 whole = region(shapes[name], None, 0, 1)
-                out = assemble(wanted(name), [(whole, f.get_slice(source))], dtype, device)
+                out = assemble(wanted(name), [(whole, f.get_slice(source))], dtype, device,
+                               out=None if into is None else into(name))
             if rope_heads(name, self.args) is not None:  # this rank's rows are whole heads
-                out = hf_permute(out, out.shape[0] // self.args.head_dim, inverse=True)
+                out.copy_(hf_permute(out, out.shape[0] // self.args.head_dim, inverse=True))
             progress.add(out)
             yield name, out
         progress.done()

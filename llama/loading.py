@@ -1,17 +1,15 @@
 """Open a checkpoint folder of either layout and load this rank's model from it."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Tuple, Union
-from unittest import mock
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
-from fairscale.nn.model_parallel import layers as fairscale_layers
+from torch import nn
 
 from llama.checkpoint import MetaCheckpoint
 from llama.distributed import available_memory, on_every_rank, setup_model_parallel
@@ -19,7 +17,7 @@ from llama.errors import CheckpointError, NonFiniteError, check_positive_int
 from llama.hf import HFCheckpoint, is_hf_folder
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
-from llama.quantize import prepare_for_state_
+from llama.quantize import prepare_int8_, quantize_model_
 from llama.tokenizer import AnyTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,9 +44,13 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[M
 def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int, mp_size: int,
                device: torch.device, dtype: torch.dtype, compile: bool = False,
                quantize: Optional[str] = None) -> Tuple[Transformer, AnyTokenizer]:
-    """This rank's model, loaded and ready to decode, and the tokenizer. Files, which hosts may see
-    differently, are checked first, and every rank agrees on the outcome before loading, so a bad
-    input fails on every rank alike."""
+    """This rank's model, loaded and ready to decode, and the tokenizer.
+
+    Files, which hosts may see differently, are checked first, and every rank agrees on the outcome
+    before loading, so a bad input fails on every rank alike. The model is built without memory for
+    its weights; each checkpoint tensor is then copied straight into its place (a fused wqkv / w13
+    takes its parts as rows), so loading holds one copy of the weights.
+    """
     tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
     start = time.perf_counter()
     rank, mp_size = setup_model_parallel(mp_size, device)
@@ -64,31 +66,50 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
         return ckpt, tokenizer, args
 
     ckpt, tokenizer, args = on_every_rank(open_files)
-    with _skip_fairscale_init():
+    with torch.device("meta"):
         model = Transformer(args)
-    if ckpt.quantized:
-        prepare_for_state_(model, ckpt.names)  # int8 layout for a checkpoint from scripts/quantize.py
+        if ckpt.quantized:
+            prepare_int8_(model)  # the layout of a checkpoint from scripts/quantize.py
+    materialize_(model, device, dtype)
 
     def load() -> None:  # what one rank can fail at alone: its own files, its own memory
-        _load_weights(model, ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0), ckpt_dir)
-        _check_cache_fits(args, mp_size, dtype, device)
+        tensors = ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0,
+                                    into=model.checkpoint_target)
+        check_finite(tensors, ckpt_dir)
+        check_cache_fits(args, mp_size, dtype, device)
 
     on_every_rank(load)
-    model.to(device)  # buffers (RoPE table)
-    model.eval().requires_grad_(False)
+    model.eval()
+    if quantize is not None:
+        quantize_model_(model)
     model.setup_cache(max_batch_size, max_seq_len, device, dtype)
-    with _skip_fairscale_init():  # fusing builds new parallel layers
-        model.optimize_(quantize=quantize, compile=compile)
+    if compile:
+        model.compile_()
     log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
              time.perf_counter() - start)
     return model, tokenizer
 
 
-@contextlib.contextmanager
-def _skip_fairscale_init() -> Iterator[None]:
-    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway."""
-    with mock.patch.object(fairscale_layers, "_initialize_affine_weight", lambda *args, **kwargs: None):
-        yield
+def materialize_(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every weight of a model built on the meta device uninitialized memory on `device`: floating
+    point ones in `dtype`, int8 ones as they are. The pages are touched, and so resident, only as the
+    checkpoint fills them."""
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            empty = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(empty, requires_grad=False)
+            else:
+                module._buffers[name] = empty
+
+
+def check_finite(tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
+    """Consume `tensors`, refusing by name any that holds NaN or inf rather than let it turn into
+    garbage text."""
+    for name, tensor in tensors:
+        if not all_finite(tensor):
+            raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
+                                 "or convert it again")
 
 
 def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
@@ -97,7 +118,7 @@ def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
     return per_token * args.max_batch_size * args.max_seq_len
 
 
-def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
     need, free = kv_cache_bytes(args, mp_size, dtype), available_memory(device)
     if free is not None and need > 0.9 * free:
         gib = 2**30
@@ -105,25 +126,3 @@ def _check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device:
             f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} needs "
             f"{need / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB is free after loading the weights: "
             f"lower max_batch_size or max_seq_len (the cache grows with their product), or use more processes")
-
-
-def _load_weights(model: Transformer, tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
-    """Swap each tensor into the model as it arrives, so the placeholder it replaces is freed
-    before the next one is read: loading never holds two copies of the weights. A weight with
-    NaN or inf is refused by name rather than left to turn into garbage text."""
-    expected = {name: t.shape for name, t in model.state_dict().items()}  # shapes only: no references
-    seen = set()
-    for name, tensor in tensors:
-        if tensor.shape != expected.get(name):
-            raise CheckpointError(f"{source}: {name} of shape {tuple(tensor.shape)} does not fit the model "
-                                  f"(expected {expected.get(name)})")
-        if not all_finite(tensor):
-            raise NonFiniteError(f"{source}: {name} holds NaN or inf values: the checkpoint is damaged; download "
-                                 "or convert it again")
-        module, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(module)
-        # int8 weights and their scales are buffers (llama.quantize); everything else a parameter
-        setattr(owner, leaf, tensor if leaf in owner._buffers else torch.nn.Parameter(tensor, requires_grad=False))
-        seen.add(name)
-    if seen != set(expected):
-        raise CheckpointError(f"{source}: no weights for {sorted(set(expected) - seen)[:5]}")

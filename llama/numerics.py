@@ -1,12 +1,10 @@
 """Find where NaN/inf come from, so an fp16 overflow or a bad weight is named, not sampled."""
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import nn
-
-from llama.errors import NonFiniteError  # noqa: F401 - raised by callers of this module
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -22,11 +20,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> Optional[str]:
-    """Re-run `model` on `tokens` and name the first module whose inputs are finite but whose output is not.
+def first_nonfinite(model: nn.Module, run: Callable[[], object]) -> Optional[str]:
+    """Call `run` (which runs `model`) and name the first module whose inputs are finite but whose
+    output is not, e.g. "layers.1.feed_forward.w13 (Linear, torch.float16, max |x| = inf)".
 
-    Only called after non-finite logits were seen, so the hot path pays nothing. The re-run writes
-    the same values to the same KV-cache slots, so the cache is left as it was.
+    Only called after non-finite logits were seen, so the hot path pays nothing. Re-running a step
+    writes the same values to the same KV-cache slots, so the cache is left as it was.
     """
     culprit: List[str] = []
 
@@ -36,15 +35,21 @@ def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, start_pos: Union[in
     def hook(name: str):
         def check(module, inputs, output):
             if not culprit and all(finite(x) for x in inputs) and not finite(output):
-                worst = output.detach().float().abs().nan_to_num(nan=float("inf")).max().item()
+                magnitude = output.detach().float().abs()
+                worst = magnitude.masked_fill(magnitude.isnan(), float("inf")).max().item()
                 culprit.append(f"{name or 'model'} ({type(module).__name__}, {output.dtype}, max |x| = {worst:g})")
         return check
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
     try:
         with torch.inference_mode():
-            model(tokens, start_pos)
+            run()
     finally:
         for h in handles:
             h.remove()
     return culprit[0] if culprit else None
+
+
+def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, input_pos: Union[int, torch.Tensor] = 0) -> Optional[str]:
+    """`first_nonfinite` for a forward of `tokens` at `input_pos`."""
+    return first_nonfinite(model, lambda: model(tokens, input_pos))

@@ -77,10 +77,17 @@ class TextStream:
 
     def pop(self) -> str:
         """Text settled since the last pop, up to where no stop string could still begin."""
-        end = len(self.text) if self.stopped or self.finished else len(self.text) - self._stop_prefix()
+        end = self._releasable()
         piece = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return piece
+
+    def ready(self) -> bool:
+        """Whether `pop` would return text."""
+        return self._releasable() > self.sent
+
+    def _releasable(self) -> int:
+        return len(self.text) if self.stopped or self.finished else len(self.text) - self._stop_prefix()
 
     def _stop_prefix(self) -> int:
         """The length of the longest tail of `text` that begins some stop string."""

@@ -90,4 +90,5 @@ def random_model(seed: int = 0, max_seq_len: int = 64, max_batch_size: int = 4, 
     sd = random_state_dict(args, seed=seed)
     model = Transformer(args)
     model.load_state_dict(sd)
+    model.setup_cache()
     return model.eval().requires_grad_(False), sd

@@ -64,8 +64,10 @@ def test_generation_respects_max_seq_len(tiny_llama):
     prompt = list(range(3, 3 + 60))  # 60 of max_seq_len=64
     tokens, _ = tiny_llama.generate([prompt, [1, 5]], max_gen_len=50, temperature=0)
     assert len(tokens[0]) == 4 and len(tokens[1]) == 50
-    full, _ = tiny_llama.generate([list(range(3, 67))], max_gen_len=5, temperature=0)
-    assert full == [[]]
+    # A prompt that fills max_seq_len leaves no room for a new token: refused when submitted.
+    with pytest.raises(ValueError, match="prompt 0 has 64 tokens, which leaves no room for a new one in "
+                                         "max_seq_len=64"):
+        tiny_llama.generate([list(range(3, 67))], max_gen_len=5, temperature=0)
 
 
 def test_same_seed_repeats_a_sampled_output(tiny_ckpt):
@@ -208,9 +210,12 @@ def test_top_k(tiny_llama):
     assert tiny_llama.text_completion(PROMPTS, temperature=1.5, top_p=1.0, top_k=1, max_gen_len=10) == greedy
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     top5 = logits.topk(5, dim=-1).indices
-    gen = torch.Generator().manual_seed(1)
-    picks = torch.stack([sample(logits, 2.0, 1.0, 5, gen) for _ in range(300)], 1)  # (3, 300)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    picks = torch.stack([sample(logits, [2.0] * 3, [1.0] * 3, [5] * 3, gens) for _ in range(300)], 1)  # (3, 300)
     assert all(set(picks[i].tolist()) == set(top5[i].tolist()) for i in range(3))
+    # Rows keep their own parameters: a greedy row beside sampled ones, top-k 1 beside top-k 5.
+    mixed = sample(logits, [0.0, 2.0, 2.0], [1.0, 1.0, 1.0], [0, 1, 5], gens)
+    assert mixed[:2].tolist() == logits[:2].argmax(-1).tolist() and mixed[2].item() in top5[2].tolist()
 
 
 @pytest.mark.parametrize("temperature", [0, 0.8])
