@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -120,7 +120,7 @@ class Forward:
     """One forward pass of a step: tokens (B, T) at positions (B, T) into KV-cache slots (B,)."""
 
     tokens: torch.Tensor
-    positions: torch.Tensor
+    positions: Union[int, torch.Tensor]  # an int: every row's first token is there
     slots: Optional[torch.Tensor]  # None: slots 0..B-1
     kv_len: int
     rows: int  # rows that are real (the rest pad a compiled decode to its bucket)
@@ -161,6 +161,7 @@ class Stats:
 
 
 _TTFT_KEPT = 1000
+_IDLE_EXIT_S = 1.0  # a driver thread ends after this long without work
 # A follower waits in a broadcast while rank 0 is idle: only rank 0's exit (which breaks the
 # connection at once) or its shutdown should end that wait.
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
@@ -233,24 +234,48 @@ class Engine:
             r.cancelled = True
 
     def run(self, until: Callable[[], bool], waiter: threading.Condition) -> None:
-        """Return once `until()` holds (checked under the engine's lock), driving the steps meanwhile
-        whenever no other thread does."""
+        """Return once `until()` holds (checked under the engine's lock). Meanwhile the steps run in a
+        driver thread; under model parallelism, unless rank 0 serves, in this one."""
         with self._lock:
             while not until():
                 if self._stopped is not None and not self._driver_is_me():
-                    self._fail_pending_of(until)
+                    self._fail_pending()
                     if until():
                         return
                     raise EngineStopped(self._stopped)
                 if self._driver is None and not self._serving:
-                    self._drive(until)
-                else:
-                    waiter.wait(timeout=0.5)  # woken by each change of its requests; the timeout is a safety net
+                    if self.mp_size > 1:
+                        self._drive(until)  # SPMD: every rank's calling thread runs the same steps
+                        continue
+                    self._start_driver()
+                waiter.wait(timeout=0.5)  # woken by each change of its requests; the timeout is a safety net
 
     def pending(self) -> Tuple[int, int]:
         """(requests waiting for a slot, requests in slots)."""
         with self._lock:
             return len(self._waiting), sum(r is not None for r in self._slots)
+
+    def _start_driver(self) -> None:
+        """(lock held, model-parallel size 1) A thread to run the steps while there is work. One thread
+        stepping for every caller, rather than each caller in turn, keeps the steps back to back."""
+        self._driver = "starting"
+        threading.Thread(target=self._drive_while_busy, name="llama-engine", daemon=True).start()
+
+    def _drive_while_busy(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
+        with self._lock:
+            self._driver = threading.get_ident()
+            try:
+                while self._stopped is None and not self._serving:
+                    if not self._step() and not self._wake.wait(timeout=_IDLE_EXIT_S) and not self._busy():
+                        break  # idle: end, so that a dropped Llama is not kept alive by its thread
+            finally:
+                self._driver = None
+                self._wake_waiters()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self._slots)
 
     # Serving.
 
@@ -268,9 +293,13 @@ class Engine:
                     self._driver = None
             return
         with self._lock:
-            if self._driver is not None:
-                raise RuntimeError("serve_forever is already running, or another call is being served")
-            self._serving, self._driver = True, threading.get_ident()
+            if self._serving:
+                raise RuntimeError("serve_forever is already running")
+            self._serving = True
+            while self._driver is not None:  # a driver thread, which ends now that serve_forever drives
+                self._wake.notify_all()
+                self._wake.wait(timeout=0.05)
+            self._driver = threading.get_ident()
             try:
                 while self._stopped is None:
                     if not self._step():
@@ -412,23 +441,21 @@ class Engine:
         positions = [len(r.prompt) + len(r.tokens) - 1 for r in requests]
         slots = [r.slot for r in requests]
         rows += [(r, None) for r in requests]
-        compiled = self.model.compiled is not None
-        if compiled:
+        if self.model.compiled is not None:
             # A compiled step has a fixed number of rows per bucket and reads the whole cache. Pad rows
             # go to slots no real row uses, at the last position, which no live sequence has filled
             # (prompts are shorter than max_seq_len), so every real row's cache stays intact.
             bucket = next(b for b in self._buckets if b >= B)
             used = set(slots)
             spare = [s for s in range(self.max_batch_size) if s not in used][: bucket - B]
-            tokens += [0] * len(spare)
-            positions += [self.max_seq_len - 1] * len(spare)
-            slots += spare
-            kv_len = self.max_seq_len
-        else:
-            kv_len = max(positions) + 1
-        slot_tensor = None if slots == list(range(len(slots))) and not compiled else self._tensor(slots)
-        return Forward(self._tensor(tokens).view(-1, 1), self._tensor(positions).view(-1, 1), slot_tensor, kv_len,
-                       rows=B, compiled=compiled)
+            grid = self._tensor([tokens + [0] * len(spare), positions + [self.max_seq_len - 1] * len(spare),
+                                 slots + spare])  # one copy to the device for the three
+            return Forward(grid[0].view(-1, 1), grid[1].view(-1, 1), grid[2], self.max_seq_len, B, compiled=True)
+        slot_tensor = None if slots == list(range(B)) else self._tensor(slots)
+        if all(p == positions[0] for p in positions):  # an int position: no mask to build
+            return Forward(self._tensor(tokens).view(-1, 1), positions[0], slot_tensor, positions[0] + 1, B)
+        grid = self._tensor([tokens, positions])
+        return Forward(grid[0].view(-1, 1), grid[1].view(-1, 1), slot_tensor, max(positions) + 1, B)
 
     def _plan_prefill(self, requests: List[Request], rows: Rows) -> Optional[Forward]:
         chosen: List[Tuple[Request, int]] = []  # (request, tokens of its prompt this step)
@@ -507,13 +534,15 @@ class Engine:
         if not sampled:
             return results, []
         reqs = [r for r, _ in sampled]
-        logits = torch.stack([row for _, row in sampled])  # (R, vocab)
+        only_decode = decode_logits is not None and len(sampled) == len(decode_logits)
+        logits = decode_logits if only_decode else torch.stack([row for _, row in sampled])  # (R, vocab)
         # Logits holding NaN or +inf, or nothing above -inf, are exactly those whose max is not finite
         # (max propagates NaN). Sampling must not see them; their requests fail.
-        peak = logits.amax(-1)
-        logits = logits.masked_fill(~peak.isfinite()[:, None], 0.0)
-        tokens = sample(logits, [r.temperature for r in reqs], [r.top_p for r in reqs], [r.top_k for r in reqs],
-                        [r.generator for r in reqs])
+        peak, tokens = logits.max(dim=-1)  # the max is the greedy token's logit
+        if any(r.temperature > 0 for r in reqs):
+            logits = logits.masked_fill(~peak.isfinite()[:, None], 0.0)
+            tokens = sample(logits, [r.temperature for r in reqs], [r.top_p for r in reqs], [r.top_k for r in reqs],
+                            [r.generator for r in reqs])
         # One host sync for tokens and peaks together (token ids are exact in float32).
         host_tokens, peaks = torch.stack([tokens.float(), peak.float()]).tolist()
         lps: List[Optional[float]] = [None] * len(reqs)
@@ -595,7 +624,7 @@ class Engine:
             raise error
         log.error("a step failed; its %d request(s) get the error: %s: %s", len(rows), type(error).__name__, error)
 
-    def _fail_pending_of(self, until: Callable[[], bool]) -> None:
+    def _fail_pending(self) -> None:
         """(lock held) After a stop, end whatever a waiter still waits for."""
         for r in list(self._by_id.values()):
             self._end(r, "error", EngineStopped(self._stopped))
@@ -655,7 +684,7 @@ def _to_device(obj, device: torch.device):
 
 def _forward_to(f: Forward, device) -> Forward:
     def move(t):
-        return None if t is None else t.to(device)
+        return t.to(device) if isinstance(t, torch.Tensor) else t
 
     select = None if f.select is None else (move(f.select[0]), move(f.select[1]))
     return Forward(move(f.tokens), move(f.positions), move(f.slots), f.kv_len, f.rows, select, f.compiled)

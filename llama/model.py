@@ -232,9 +232,9 @@ def apply_rotary_emb_(x: torch.Tensor, freqs_cis: torch.Tensor) -> None:
     x.copy_(rotated.flatten(-2))
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Attention of queries q (B, T, H, D) to keys and values (B, Hkv, S, D) under a boolean mask
-    (B, 1, T, S): (B, T, H * D).
+    (B, 1, T, S), or (T == 1) none: every key is visible. Returns (B, T, H * D).
 
     Grouped-query attention without copying the cache: the n_rep query heads that share a kv head
     fold into the query-length axis (query head h uses kv head h // n_rep).
@@ -292,10 +292,9 @@ class Attention(nn.Module):
         return None if self.cache is None else self.cache[:, self.n_local_kv_heads :].transpose(1, 2)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, rows: torch.Tensor, input_pos: torch.Tensor,
-                slots: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+                slots: Optional[torch.Tensor], mask: Optional[torch.Tensor], kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        kv_len = mask.shape[-1]
         heads = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # queries, keys, values of the local heads
         apply_rotary_emb_(heads[:, :, : H + Hkv], freqs_cis)  # in place: the keys stay beside the values
         cache = self.cache
@@ -342,8 +341,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, rows, input_pos, slots, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, rows, input_pos, slots, mask)
+    def forward(self, x, freqs_cis, rows, input_pos, slots, mask, kv_len) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, rows, input_pos, slots, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -468,11 +467,17 @@ class Transformer(nn.Module):
             kv_len = input_pos + T if isinstance(input_pos, int) else self.cache_shape[1]
         pos = self.positions(tokens, input_pos)  # (B, T)
         rows = (self.seq_index[:B] if slots is None else slots).view(B, 1)
-        mask = (self.seq_index[:kv_len] <= pos[..., None]).unsqueeze(1)  # (B, 1, T, kv_len): causal, by position
-        freqs_cis = rotations(self.freqs_cis[pos])  # (B, T, 1, D/2)
+        if isinstance(input_pos, int):  # one start for every row: one table slice; one query needs no mask
+            freqs_cis = rotations(self.freqs_cis[input_pos : input_pos + T].unsqueeze(0))  # (1, T, 1, D/2)
+            shared = T == 1 and kv_len == input_pos + 1
+        else:
+            freqs_cis = rotations(self.freqs_cis[pos])  # (B, T, 1, D/2)
+            shared = False
+        # (B, 1, T, kv_len): causal, by position
+        mask = None if shared else (self.seq_index[:kv_len] <= pos[..., None]).unsqueeze(1)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, freqs_cis, rows, pos, slots, mask)
+            h = layer(h, freqs_cis, rows, pos, slots, mask, kv_len)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

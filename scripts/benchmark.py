@@ -4,6 +4,8 @@
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --gen_len 16 --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --compile
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --device cuda --compile --compare hf
+    python scripts/benchmark.py --ckpt_dir /tmp/stories260K --concurrency 16 --gen_len 120 --compare hf
+    python scripts/benchmark.py --ckpt_dir /tmp/stories260K --prefill_gap 400
     python scripts/benchmark.py --smoke            # tiny shape, a few tokens: seconds (CI runs it)
 
 A --shape gets random weights, written once to CACHE_DIR/<shape>-<dtype> (default
@@ -17,14 +19,23 @@ given as median [min-max] over rounds. On a GPU the clock waits for the device
 (torch.cuda.synchronize) at the end of the prefill and of the round, and the load also reports
 peak GPU memory over the weight bytes. Progress goes to stderr, the table (or with --json, a
 JSON object) to stdout.
+
+--concurrency N sends N greedy requests together, prompts of mixed lengths (4 to 2 * prompt_len
+tokens), each `generate` from its own thread, and compares the total tokens per second with the
+same requests sent one after another, and with --compare hf, transformers' own continuous batching
+(`LlamaForCausalLM.generate_batch`) on the same weights. --prefill_gap L streams 8 greedy requests
+and, once they decode, sends a prompt of L tokens: it reports the streams' gaps between tokens
+(median, p99) before and while that prompt is prefilled, a chunk per step.
 """
 from __future__ import annotations
 
 import json as jsonlib
 import multiprocessing
 import os
+import random
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -198,6 +209,104 @@ def time_round(runner, prompts: torch.Tensor, gen_len: int, device: torch.device
                 decode_tok_s_per_seq=decoded / decode_s / B, tokens=tokens)
 
 
+def mixed_prompts(n: int, prompt_len: int, vocab: int, seed: int = 0) -> List[List[int]]:
+    """n prompts of 4 to 2 * prompt_len random tokens after BOS."""
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(rng.randrange(4, 2 * prompt_len + 1))] for _ in range(n)]
+
+
+def _threads(generator: Llama, prompts: List[List[int]], gen_len: int) -> List[List[int]]:
+    out: List[Optional[List[int]]] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        out[i] = generator.generate([prompts[i]], max_gen_len=gen_len, temperature=0)[0][0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _hf_batch(model, prompts: List[List[int]], gen_len: int, eos: int) -> List[List[int]]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    rows = [list(out[f"req_{i}"].generated_tokens) for i in range(len(prompts))]
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+def run_concurrency(generator: Llama, hf, n: int, prompt_len: int, gen_len: int, rounds: int,
+                    device: torch.device) -> dict:
+    """Total tok/s of n requests sent together (threads), one at a time, and through generate_batch."""
+    prompts = mixed_prompts(n, prompt_len, generator.model.vocab_size)
+    eos = generator.tokenizer.eos_id
+    runners = {"threads": lambda: _threads(generator, prompts, gen_len),
+               "serial": lambda: [generator.generate([p], max_gen_len=gen_len, temperature=0)[0][0] for p in prompts]}
+    if hf is not None:
+        runners["hf_generate_batch"] = lambda: _hf_batch(hf, prompts, gen_len, eos)
+    for name, runner in runners.items():
+        progress(f"concurrency {n}: warm-up {name}")
+        runner()
+    samples: Dict[str, List[float]] = {name: [] for name in runners}
+    tokens: Dict[str, List[List[int]]] = {}
+    for i in range(rounds):
+        for name, runner in runners.items():
+            progress(f"concurrency {n}: round {i + 1}/{rounds} {name}")
+            sync(device)
+            start = time.perf_counter()
+            tokens[name] = runner()
+            sync(device)
+            samples[name].append(sum(len(t) for t in tokens[name]) / (time.perf_counter() - start))
+    report = {"requests": n, "tok_s_total": {k: statistics.median(v) for k, v in samples.items()},
+              "ratio": {f"threads/{k}": _median_range([a / b for a, b in zip(samples["threads"], v)])
+                        for k, v in samples.items() if k != "threads"}}
+    report["same_tokens"] = {k: tokens[k] == tokens["threads"] for k in tokens if k != "threads"}
+    return report
+
+
+def run_prefill_gap(generator: Llama, prompt_tokens: int, gen_len: int, streams: int = 8) -> dict:
+    """Inter-token gaps of `streams` greedy streams before, and while, a prompt_tokens-long prompt is prefilled."""
+    vocab = generator.model.vocab_size
+    prompts = [generator.tokenizer.decode(p[1:]) for p in mixed_prompts(streams, 8, vocab, seed=1)]
+    arrivals: List[List[float]] = [[] for _ in prompts]
+    marks: Dict[str, float] = {}
+
+    def consume(i: int) -> None:
+        for pieces in generator.stream([prompts[i]], temperature=0, max_gen_len=gen_len):
+            arrivals[i].append(time.perf_counter())
+
+    def long_prompt() -> None:
+        while min(len(a) for a in arrivals) < gen_len // 3:
+            time.sleep(0.001)
+        marks["sent"] = time.perf_counter()
+        generator.generate([mixed_prompts(1, prompt_tokens, vocab, seed=2)[0][:prompt_tokens]], max_gen_len=1,
+                           temperature=0)
+        marks["done"] = time.perf_counter()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(streams)]
+    threads.append(threading.Thread(target=long_prompt))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gaps = [(b, b - a) for times in arrivals for a, b in zip(times, times[1:])]
+    during = [g for t, g in gaps if marks["sent"] <= t <= marks["done"] + 1e-3]
+    everything = sorted(g for _, g in gaps)
+
+    def p(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    return {"streams": streams, "prompt_tokens": prompt_tokens, "prefill_chunk": generator.engine.prefill_chunk,
+            "gap_ms": {"p50": p(everything, 0.5) * 1e3, "p99": p(everything, 0.99) * 1e3,
+                       "max_while_prefilling": max(during, default=float("nan")) * 1e3},
+            "p99_over_p50": p(everything, 0.99) / p(everything, 0.5),
+            "prefill_s": marks["done"] - marks["sent"]}
+
+
 def _median_range(values: List[float]) -> Dict[str, float]:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
 
@@ -256,6 +365,35 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     return dict(config=config, load=load, results=results)
 
 
+def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare, cache_dir, threads,
+               device, concurrency, prefill_gap, prefill_chunk) -> dict:
+    """The --concurrency and --prefill_gap reports (see the module docstring)."""
+    if (ckpt_dir is None) == (shape is None):
+        raise ValueError("pass exactly one of --ckpt_dir and --shape")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if shape is not None:
+        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+    n = concurrency or 8
+    max_seq_len = max(2 * prompt_len + 1, prefill_gap or 0) + gen_len + 1
+    generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=max_seq_len,
+                            max_batch_size=max(n, 9), device=device, dtype=torch_dtype, compile=compile,
+                            quantize=quantize, prefill_chunk=prefill_chunk)
+    report = {"config": dict(ckpt_dir=ckpt_dir, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
+                             quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
+                             threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device))}
+    if concurrency is not None:
+        hf = hf_model(ckpt_dir, torch_dtype, torch_device) if compare == "hf" else None
+        report["concurrency"] = run_concurrency(generator, hf, concurrency, prompt_len, gen_len, rounds, torch_device)
+    if prefill_gap is not None:
+        progress(f"8 streams and a {prefill_gap}-token prompt")
+        generator.generate([[1, 5]], max_gen_len=2, temperature=0)  # warm-up
+        report["prefill_gap"] = run_prefill_gap(generator, prefill_gap, gen_len)
+    return report
+
+
 def table(report: dict) -> str:
     c, load = report["config"], report["load"]
     lines = [
@@ -289,9 +427,15 @@ def table(report: dict) -> str:
 def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
          prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-         threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False) -> None:
+         threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
+         concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 256) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
+    if concurrency is not None or prefill_gap is not None:
+        report = run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare,
+                            cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk)
+        print(jsonlib.dumps(report, indent=2))
+        return
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
                  cache_dir, threads, device=device)
     if json:

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS
+from conftest import asset
+from llama.chat_format import encode_dialog
+from llama.tokenizer import Tokenizer
 from llama.errors import LogitsError
 from llama.sampling import sample
 
@@ -114,21 +116,32 @@ def test_too_many_or_too_long_prompts_are_refused(tiny_llama):
         tiny_llama.generate([[1, 99999]], max_gen_len=4)
 
 
+DIALOG = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": " Hello! "},
+    {"role": "user", "content": "Tell me a story"},
+]
+
+
 def test_llama2_chat_format(tiny_llama):
-    tok = tiny_llama.tokenizer
-    dialog = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": " Hello! "},
-        {"role": "user", "content": "Tell me a story"},
-    ]
-    expected = (
-        tok.encode(f"{B_INST} {B_SYS}Be brief.{E_SYS}Hi there {E_INST} Hello! ", bos=True, eos=True)
-        + tok.encode(f"{B_INST} Tell me a story {E_INST}", bos=True, eos=False)
-    )
-    assert tiny_llama.encode_dialog(dialog) == expected
+    sp = tiny_llama.tokenizer.sp  # SentencePiece itself, not our encode
+    expected = ([1] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! ") + [2]
+                + [1] + sp.encode("[INST] Tell me a story [/INST]"))
+    assert tiny_llama.encode_dialog(DIALOG) == expected
     out = tiny_llama.chat_completion([[{"role": "user", "content": "Hi"}]], temperature=0, max_gen_len=4)[0]
-    assert out["generation"]["role"] == "assistant" and isinstance(out["generation"]["content"], str)
+    tokens, _ = tiny_llama.generate([[1] + sp.encode("[INST] Hi [/INST]")], max_gen_len=4, temperature=0)
+    assert out["generation"] == {"role": "assistant", "content": tiny_llama.tokenizer.decode(tokens[0])}
+
+
+def test_llama2_chat_ids_of_the_real_tokenizer():
+    tok = Tokenizer(asset("llama_tokenizer.model"))
+    assert encode_dialog(tok, DIALOG) == [
+        1, 518, 25580, 29962, 3532, 14816, 29903, 6778, 13, 3629, 11473, 29889, 13, 29966, 829, 14816, 29903, 6778,
+        13, 13, 18567, 727, 518, 29914, 25580, 29962, 15043, 29991, 29871, 2,
+        1, 518, 25580, 29962, 24948, 592, 263, 5828, 518, 29914, 25580, 29962]
+    assert encode_dialog(tok, [{"role": "user", "content": "Hi"}]) == [1, 518, 25580, 29962, 6324, 518, 29914, 25580,
+                                                                      29962]
 
 
 @pytest.mark.parametrize("dialog, message", [

@@ -1,0 +1,179 @@
+"""The engine: many calls from many threads on one Llama, each answered as if it ran alone; slots freed by
+dropped streams; long prompts prefilled in chunks while others decode; bad calls fail alone."""
+import gc
+import json
+import threading
+
+import pytest
+import torch
+
+import engine_workload
+from conftest import torchrun
+from llama import Llama
+
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def g(tiny_ckpt) -> Llama:
+    """4 slots for 12 concurrent calls: most of them wait for a slot."""
+    return Llama.build(str(tiny_ckpt), max_seq_len=96, max_batch_size=4, device="cpu", prefill_chunk=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def solo_run(g):
+    """Each call of the workload made alone, and the engine steps that took."""
+    before = g.engine.stats.steps
+    return engine_workload.alone(g), g.engine.stats.steps - before
+
+
+@pytest.fixture(scope="module")
+def solo(solo_run):
+    return solo_run[0]
+
+
+def test_calls_from_threads_with_staggered_starts_equal_each_call_alone(g, solo_run):
+    solo, solo_steps = solo_run
+    before = g.engine.stats.steps
+    together = engine_workload.together(g)
+    engine_workload.assert_same(together, solo)
+    assert g.engine.pending() == (0, 0)  # every slot freed, nothing left waiting
+    # They really ran together: far fewer steps than the calls made one after another.
+    assert g.engine.stats.steps - before < 0.6 * solo_steps
+
+
+def test_a_seeded_call_repeats_and_another_seed_differs(g):
+    kwargs = dict(temperature=1.0, top_p=0.95, max_gen_len=20)
+    first = g.text_completion(["The cat", "A dog"], seed=7, **kwargs)
+    assert g.text_completion(["The cat", "A dog"], seed=7, **kwargs) == first
+    assert g.text_completion(["The cat", "A dog"], seed=8, **kwargs) != first
+    # prompt i samples from seed + i, whatever it shares a call with
+    assert g.text_completion(["A dog"], seed=8, **kwargs)[0] == first[1]
+
+
+def test_a_dropped_stream_frees_its_slot(tiny_ckpt):
+    g = Llama.build(str(tiny_ckpt), max_seq_len=64, max_batch_size=2, device="cpu")
+    kept = g.stream(["The cat"], temperature=0, max_gen_len=40)
+    dropped = g.stream(["A dog"], temperature=0, max_gen_len=40)
+    next(kept), next(dropped)
+    assert g.engine.pending() == (0, 2)  # both slots taken
+    del dropped
+    gc.collect()
+    third = []
+    t = threading.Thread(target=lambda: third.append(g.text_completion(["One two"], temperature=0, max_gen_len=8)))
+    t.start()
+    t.join(timeout=30)  # would wait forever for a slot the dropped stream still held
+    assert third == [g.text_completion(["One two"], temperature=0, max_gen_len=8)]
+    kept.close()
+    g.generate([[1]], max_gen_len=1, temperature=0)  # a step, which frees the closed stream's slot
+    assert g.engine.pending() == (0, 0)
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(g, monkeypatch):
+    steps = []
+    run = g.engine._run
+
+    def recording(plan):
+        steps.append((0 if plan.decode is None else plan.decode.rows,
+                      0 if plan.prefill is None else plan.prefill.tokens.numel()))
+        return run(plan)
+
+    monkeypatch.setattr(g.engine, "_run", recording)
+    long_text = " ".join(["the happy dog ran to the park"] * 8)
+    assert len(g.tokenizer.encode(long_text, bos=True, eos=False)) > 4 * CHUNK
+    alone = g.text_completion([long_text], temperature=0, max_gen_len=4)
+    streams = g.stream(["The cat", "A big", "Once"], temperature=0, max_gen_len=60)
+    texts = [""] * 3
+    while not all(r.tokens for r in streams.requests):  # until all three decode
+        texts = [a + b for a, b in zip(texts, next(streams))]
+    steps.clear()
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(g.text_completion([long_text], temperature=0, max_gen_len=4)))
+    t.start()
+    for pieces in streams:  # this thread drives; the long prompt joins its steps
+        texts = [a + b for a, b in zip(texts, pieces)]
+        if len(steps) > 12:
+            break
+    t.join(timeout=30)
+    streams.close()
+    assert answer == [alone]
+    prefill_steps = [(rows, tokens) for rows, tokens in steps if tokens]
+    assert len(prefill_steps) >= 4  # the long prompt took several steps...
+    assert all(tokens <= CHUNK for _, tokens in prefill_steps)  # ...of at most one chunk each...
+    assert all(rows == 3 for rows, _ in prefill_steps), steps  # ...and none of them held the streams back
+
+
+def test_a_bad_call_fails_in_its_own_thread_only(g, solo):
+    calls = engine_workload.calls(g)
+    results, errors = {}, {}
+
+    def good(i):
+        results[i] = calls[i]()
+
+    def bad(name, call):
+        try:
+            call()
+        except ValueError as e:
+            errors[name] = str(e)
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(0, len(calls), 2)]
+    threads += [threading.Thread(target=bad, args=("temperature", lambda: g.generate([[1, 5]], 8, temperature=-1))),
+                threading.Thread(target=bad, args=("too long", lambda: g.generate([[1] * 96], 8))),
+                threading.Thread(target=bad, args=("too many", lambda: g.text_completion(["a"] * 5)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, r in results.items():
+        engine_workload.assert_same(r, solo[i], f"call {i}")
+    assert "temperature=-1" in errors["temperature"]
+    assert "prompt 0 has 96 tokens, which leaves no room" in errors["too long"]
+    assert "5 prompts exceed max_batch_size=4" in errors["too many"]
+
+
+def test_a_row_whose_logits_turn_nan_fails_its_call_and_no_other(g):
+    """Token 499 turns its row's embedding into NaN: the call holding it fails, naming the module; a
+    stream sharing its steps goes on to its solo text."""
+    alone = g.text_completion(["The cat sat"], temperature=0, max_gen_len=30)[0]["generation"]
+
+    def poison(module, inputs, output):
+        return output.masked_fill((inputs[0] == 499)[..., None], float("nan"))
+
+    handle = g.model.tok_embeddings.register_forward_hook(poison)
+    try:
+        stream = g.stream(["The cat sat"], temperature=0, max_gen_len=30)
+        text = "".join(next(stream))
+        errors = []
+
+        def bad():
+            try:
+                g.generate([[1, 5, 499, 7]], max_gen_len=8, temperature=0)
+            except ValueError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=bad)
+        t.start()
+        text += "".join(p[0] for p in stream)
+        t.join(timeout=30)
+    finally:
+        handle.remove()
+    assert text == alone
+    assert "row 0 at generation step 0: the model's logits are NaN" in str(errors[0])
+    assert "First non-finite output: tok_embeddings (Embedding, torch.float32" in str(errors[0])
+
+
+def test_two_processes_serving_threads_equal_one_process(tiny_ckpt2, g, solo, tmp_path):
+    """Rank 0 takes the calls from its threads while rank 1 follows its steps (serve_forever)."""
+    proc = torchrun(2, "tests/engine_worker.py", str(tiny_ckpt2), str(tmp_path / "out.json"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    engine_workload.assert_same(report["together"], report["alone"], "2 processes, threads vs alone")
+    # Greedy calls (kinds 0, 2, 3) and scores give what one process gives; sampled ones may differ in
+    # the last bits of their logits, so only alone vs together is compared for them.
+    for i in range(engine_workload.N_CALLS):
+        if i % 6 in (0, 2, 3, 5):
+            engine_workload.assert_same(_jsonable(solo[i]), report["alone"][i], f"call {i}, 1 vs 2 processes")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
