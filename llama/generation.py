@@ -10,7 +10,7 @@ from typing import (Collection, FrozenSet, Iterable, Iterator, List, NamedTuple,
 import torch
 import torch.nn.functional as F
 
-from llama.chat_format import Dialog, Message, encode_dialog
+from llama.chat_format import Dialog, Message, check_chat_format, check_chat_format_name, encode_dialog
 from llama.distributed import env_world_size, on_every_rank, resolve_device, resolve_dtype
 from llama.errors import LogitsError, check_positive_int
 from llama.loading import load_model
@@ -86,6 +86,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
         quantize: Optional[str] = None,
+        chat_format: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -95,6 +96,9 @@ class Llama:
         gloo on CPU; a plain `python` run is a world of one). Arguments are checked before that;
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
+
+        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format
+        of chat_completion, stream_chat and encode_dialog.
         """
         check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -105,15 +109,17 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize)
+        check_chat_format_name(chat_format)
 
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
                                       compile=compile, quantize=quantize)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, chat_format=chat_format)
 
 
-    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, chat_format: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_format = check_chat_format(chat_format, tokenizer)  # the name in use, default resolved
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -336,7 +342,7 @@ class Llama:
         stop: Union[str, Sequence[str], None] = None,
         stop_tokens: Optional[Collection[int]] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the chat format of the tokenizer in use (Llama 2's
+        """Answer each dialog as the assistant, in `self.chat_format` (by default the tokenizer's: Llama 2's
         `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
         prompt_tokens = self._encode_dialogs(dialogs)
         rows, steps = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len),
@@ -381,8 +387,8 @@ class Llama:
         return decode_continuation(self.tokenizer, context, tokens)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The chat prompt tokens for `dialog` in the format of this model's tokenizer."""
-        return encode_dialog(self.tokenizer, dialog)
+        """The chat prompt tokens for `dialog` in `self.chat_format`."""
+        return encode_dialog(self.tokenizer, dialog, self.chat_format)
 
     @torch.inference_mode()
     def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> List[Score]:
