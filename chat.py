@@ -2,7 +2,7 @@
 
     python chat.py --ckpt_dir D [--tokenizer_path T] [--system "You answer briefly."] \
         [--temperature 0.6] [--top_p 0.9] [--top_k 0] [--max_seq_len 512] [--max_gen_len 256] \
-        [--seed 1] [--device cpu] [--dtype bf16] [--chat_format {llama2,llama3,alpaca}]
+        [--seed 1] [--device cpu] [--dtype bf16] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}]
     torchrun --nproc_per_node N chat.py --ckpt_dir D ...
 
 The chat format follows the tokenizer (Llama 2 `[INST]` or Llama 3 headers) unless --chat_format
@@ -65,6 +65,7 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    lora: Optional[str] = None,
     chat_format: Optional[str] = None,
 ) -> None:
     if not isinstance(max_gen_len, int) or not 0 < max_gen_len < max_seq_len:
@@ -78,6 +79,7 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        lora=None if lora is None else str(lora),
         chat_format=chat_format,
     )
     system = None if system is None else str(system)

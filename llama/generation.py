@@ -86,6 +86,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
         quantize: Optional[str] = None,
+        lora: Optional[str] = None,
         chat_format: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
@@ -97,6 +98,7 @@ class Llama:
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
 
+        `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora).
         `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format
         of chat_completion, stream_chat and encode_dialog.
         """
@@ -112,7 +114,7 @@ class Llama:
         check_chat_format_name(chat_format)
 
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
-                                      compile=compile, quantize=quantize)
+                                      compile=compile, quantize=quantize, lora=lora)
         return Llama(model, tokenizer, seed=seed, chat_format=chat_format)
 
 
