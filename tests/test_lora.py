@@ -32,6 +32,8 @@ ADAPTERS = {
                      rank_pattern={"q_proj": 2, "^model.layers.1.mlp.down_proj": 6},
                      alpha_pattern={"layers.0.self_attn.k_proj": 3.0, "lm_head": 5},
                      modules_to_save=["norm"]),
+    # PEFT's narrowing of the targets: only layer 1, and not its k_proj
+    "subset": dict(r=2, lora_alpha=4, target_modules=PROJECTIONS, layers_to_transform=[1], exclude_modules=["k_proj"]),
 }
 TOKENS = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
 GREEDY_PROMPTS = [PROMPTS[0], PROMPTS[2]]
