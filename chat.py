@@ -2,10 +2,11 @@
 
     python chat.py --ckpt_dir D [--tokenizer_path T] [--system "You answer briefly."] \
         [--temperature 0.6] [--top_p 0.9] [--top_k 0] [--max_seq_len 512] [--max_gen_len 256] \
-        [--seed 1] [--device cpu] [--dtype bf16]
+        [--seed 1] [--device cpu] [--dtype bf16] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}]
     torchrun --nproc_per_node N chat.py --ckpt_dir D ...
 
-The chat format follows the tokenizer (Llama 2 `[INST]` or Llama 3 headers). Rank 0 reads the
+The chat format follows the tokenizer (Llama 2 `[INST]` or Llama 3 headers) unless --chat_format
+names one; with alpaca, --system is the Input paired with every instruction. Rank 0 reads the
 keyboard and broadcasts every line, so all ranks run the same generation; only rank 0 prints.
 `/reset` clears the history; `/exit` or Ctrl-D leaves. When the history no longer fits in
 max_seq_len with max_gen_len to spare, the oldest exchanges are dropped.
@@ -64,6 +65,8 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    lora: Optional[str] = None,
+    chat_format: Optional[str] = None,
 ) -> None:
     if not isinstance(max_gen_len, int) or not 0 < max_gen_len < max_seq_len:
         raise ValueError(f"max_gen_len={max_gen_len!r} must be a positive integer below max_seq_len={max_seq_len}")
@@ -76,6 +79,8 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        lora=None if lora is None else str(lora),
+        chat_format=chat_format,
     )
     system = None if system is None else str(system)
     history: Dialog = []
@@ -104,7 +109,8 @@ def main(
             answer.append(pieces[0])
         say()
         # A reserved tag the model wrote would make every later prompt refuse the history.
-        history.append({"role": "assistant", "content": strip_reserved_tags(generator.tokenizer, "".join(answer))})
+        text = strip_reserved_tags(generator.tokenizer, "".join(answer), generator.chat_format)
+        history.append({"role": "assistant", "content": text})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node N example.py --ckpt_dir D [--tokenizer_path T] --seed 1 \
         --prompts "first prompt" "second prompt" --temperature 0.6 --top_p 0.9 [--top_k 40] \
         --max_seq_len 128 --max_gen_len 64 --max_batch_size 4 [--device cpu] [--dtype bf16] \
-        [--stop "." | --stop '["\n", "THE END"]'] [--stream] [--compile] [--quantize int8]
+        [--stop "." | --stop '["\n", "THE END"]'] [--stream] [--compile] [--quantize int8] [--lora ADAPTER]
 
 Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1.
 """
@@ -49,6 +49,7 @@ def main(
     dtype: Optional[str] = None,
     compile: bool = False,
     quantize: Optional[str] = None,
+    lora: Optional[str] = None,
 ) -> None:
     prompts = [str(p) for p in (prompts if prompts is not None else DEFAULT_PROMPTS)]
     with tempfile.TemporaryDirectory(prefix="llama-demo-") as scratch:
@@ -70,6 +71,7 @@ def main(
             dtype=dtype,
             compile=compile,
             quantize=quantize,
+            lora=None if lora is None else str(lora),
         )
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
     if stream:  # one prompt at a time, so each prints as it is written

@@ -1,7 +1,8 @@
-"""Chat prompt formats: Llama 2's [INST] turns and Llama 3's role headers.
+"""Chat prompt formats: Llama 2's [INST] turns, Llama 3's role headers and Alpaca's instructions.
 
 A format is chosen by name (`CHAT_FORMATS`); by default the tokenizer's family decides
-(`default_chat_format`): SentencePiece models speak Llama 2, tiktoken ones Llama 3.
+(`default_chat_format`): SentencePiece models speak Llama 2, tiktoken ones Llama 3. Alpaca is
+only ever chosen by name, for models fine-tuned on Alpaca-format data (with either tokenizer).
 """
 from __future__ import annotations
 
@@ -24,16 +25,29 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 _LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
+# Alpaca: Stanford Alpaca's two prompt templates, each ending in an open response line.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+_ALPACA_TAGS = ("### Instruction:", "### Input:", "### Response:")
+
 
 def default_chat_format(tokenizer: AnyTokenizer) -> str:
     return "llama3" if isinstance(tokenizer, Llama3Tokenizer) else "llama2"
 
 
+def check_chat_format_name(chat_format: Optional[str]) -> None:
+    """Refuse a `chat_format` that names no format (None, the tokenizer's default, passes)."""
+    if chat_format is not None and chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
+
+
 def check_chat_format(chat_format: Optional[str], tokenizer: AnyTokenizer) -> str:
     """`chat_format` (default: the tokenizer's), refused when unknown or when the tokenizer lacks its tokens."""
+    check_chat_format_name(chat_format)
     name = default_chat_format(tokenizer) if chat_format is None else chat_format
-    if name not in CHAT_FORMATS:
-        raise ValueError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
     if name == "llama3" and not isinstance(tokenizer, Llama3Tokenizer):
         raise ValueError("chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header tokens); this "
                          "checkpoint has a SentencePiece one: use 'llama2' or leave chat_format unset")
@@ -45,6 +59,8 @@ def reserved_tags(tokenizer: AnyTokenizer, chat_format: Optional[str] = None) ->
     name = check_chat_format(chat_format, tokenizer)
     if name == "llama3":
         return tuple(tokenizer.special_tokens)
+    if name == "alpaca":
+        return _ALPACA_TAGS
     return _LLAMA2_TAGS
 
 
@@ -91,9 +107,30 @@ def _llama3_header(tok: Llama3Tokenizer, role: str) -> List[int]:
     return [tok.start_header_id] + role_ids + [tok.end_header_id] + tok.encode("\n\n", bos=False, eos=False)
 
 
+def _encode_alpaca_dialog(tok: AnyTokenizer, dialog: Dialog) -> List[int]:
+    """Alpaca: each user message is an instruction, and a system message is the input paired with
+    every one of them (the template "with input"). Each finished (instruction, response) exchange
+    is a whole Alpaca example, BOS + prompt + response + EOS, as the model was trained on; the last
+    instruction's prompt is left open after "### Response:\n"."""
+    has_system = dialog[0]["role"] == "system"
+    system = dialog[0]["content"].strip() if has_system else ""
+    turns = dialog[1:] if has_system else dialog
+
+    def prompt(instruction: str) -> str:
+        if not system:  # as Stanford Alpaca's data: an empty input takes the template without one
+            return ALPACA_PROMPT.format(instruction=instruction.strip())
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction.strip(), input=system)
+
+    tokens: List[int] = []
+    for user, answer in zip(turns[::2], turns[1::2]):
+        tokens += tok.encode(prompt(user["content"]) + answer["content"].strip(), bos=True, eos=True)
+    return tokens + tok.encode(prompt(turns[-1]["content"]), bos=True, eos=False)
+
+
 CHAT_FORMATS: Dict[str, Callable[[AnyTokenizer, Dialog], List[int]]] = {
     "llama2": _encode_llama2_dialog,
     "llama3": _encode_llama3_dialog,
+    "alpaca": _encode_alpaca_dialog,
 }
 
 

@@ -12,7 +12,7 @@ from typing import Collection, Iterator, List, NamedTuple, Optional, Sequence, T
 
 import torch
 
-from llama.chat_format import Dialog, Message, check_chat_format, encode_dialog
+from llama.chat_format import Dialog, Message, check_chat_format, check_chat_format_name, encode_dialog
 from llama.distributed import env_world_size, on_every_rank, resolve_device, resolve_dtype
 from llama.engine import Engine, Request
 from llama.errors import check_positive_int
@@ -60,6 +60,7 @@ class Llama:
         compile: bool = False,
         quantize: Optional[str] = None,
         prefill_chunk: int = 256,
+        lora: Optional[str] = None,
         chat_format: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
@@ -72,8 +73,10 @@ class Llama:
         before loading, so a bad input fails on every rank alike.
 
         The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens: that many requests run
-        at once, and more wait. A step prefills at most `prefill_chunk` prompt tokens. `chat_format`
-        ("llama2", "llama3") defaults to the tokenizer's.
+        at once, and more wait. A step prefills at most `prefill_chunk` prompt tokens. `lora` is a PEFT
+        LoRA adapter folder merged into the weights as they load (llama.lora). `chat_format` ('llama2',
+        'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
+        stream_chat and encode_dialog.
         """
         check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -85,15 +88,16 @@ class Llama:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize)
+        check_chat_format_name(chat_format)
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
-                                      compile=compile, quantize=quantize)
+                                      compile=compile, quantize=quantize, lora=lora)
         return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 256,
                  chat_format: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.chat_format = check_chat_format(chat_format, tokenizer)
+        self.chat_format = check_chat_format(chat_format, tokenizer)  # the name in use, default resolved
         self.device = model.tok_embeddings.weight.device
         self.generator = torch.Generator().manual_seed(seed)  # draws the seeds of calls made without one
         self._seed_lock = threading.Lock()
@@ -198,8 +202,8 @@ class Llama:
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in this model's chat format (`chat_format`: by default
-        Llama 2's `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
+        """Answer each dialog as the assistant, in `self.chat_format` (by default the tokenizer's: Llama 2's
+        `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
                                top_p, top_k, stop, stop_tokens, logprobs, seed=seed)
@@ -229,7 +233,7 @@ class Llama:
         return decode_continuation(self.tokenizer, context, tokens)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The chat prompt tokens for `dialog` in this model's chat format."""
+        """The chat prompt tokens for `dialog` in `self.chat_format`."""
         return encode_dialog(self.tokenizer, dialog, self.chat_format)
 
     # Scoring.

@@ -120,8 +120,10 @@ def _llama3_rope_params(rope: dict) -> dict:
 
 def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int] = 1,
                      eos_ids: Union[int, List[int], None] = 2) -> dict:
-    rope_scaling = None
+    rope_scaling, max_positions = None, args.max_seq_len
     if args.use_scaled_rope:
+        # transformers wants more positions than the context the scaling starts from: the one it stretches to
+        max_positions = max(max_positions, int(args.rope_original_max_seq_len * args.rope_scale_factor))
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scale_factor,
                         "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
                         "original_max_position_embeddings": args.rope_original_max_seq_len}
@@ -130,7 +132,7 @@ def params_to_config(args: ModelArgs, dtype: torch.dtype, bos_id: Optional[int] 
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": max_positions, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
         "bos_token_id": bos_id, "eos_token_id": eos_ids,
     }

@@ -15,6 +15,7 @@ from llama.checkpoint import MetaCheckpoint
 from llama.distributed import available_memory, on_every_rank, setup_model_parallel
 from llama.errors import CheckpointError, NonFiniteError, check_positive_int
 from llama.hf import HFCheckpoint, is_hf_folder
+from llama.lora import open_adapter
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
 from llama.quantize import prepare_int8_, quantize_model_
@@ -43,13 +44,14 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[M
 
 def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int, mp_size: int,
                device: torch.device, dtype: torch.dtype, compile: bool = False,
-               quantize: Optional[str] = None) -> Tuple[Transformer, AnyTokenizer]:
+               quantize: Optional[str] = None, lora: Optional[str] = None) -> Tuple[Transformer, AnyTokenizer]:
     """This rank's model, loaded and ready to decode, and the tokenizer.
 
     Files, which hosts may see differently, are checked first, and every rank agrees on the outcome
     before loading, so a bad input fails on every rank alike. The model is built without memory for
     its weights; each checkpoint tensor is then copied straight into its place (a fused wqkv / w13
-    takes its parts as rows), so loading holds one copy of the weights.
+    takes its parts as rows), so loading holds one copy of the weights. `lora`, a PEFT adapter
+    folder, is merged into each tensor as it is read (llama.lora), before any quantizing.
     """
     tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
     start = time.perf_counter()
@@ -63,9 +65,10 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
             raise CheckpointError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
                 f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
-        return ckpt, tokenizer, args
+        adapter = None if lora is None else open_adapter(lora, ckpt)  # LoRA: validated before any weight is read
+        return ckpt, tokenizer, args, adapter
 
-    ckpt, tokenizer, args = on_every_rank(open_files)
+    ckpt, tokenizer, args, adapter = on_every_rank(open_files)
     with torch.device("meta"):
         model = Transformer(args)
         if ckpt.quantized:
@@ -75,6 +78,8 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     def load() -> None:  # what one rank can fail at alone: its own files, its own memory
         tensors = ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0,
                                     into=model.checkpoint_target)
+        if adapter is not None:  # LoRA: merged into each tensor in place, before quantizing
+            tensors = adapter.merged(tensors, rank, mp_size)
         check_finite(tensors, ckpt_dir)
         check_cache_fits(args, mp_size, dtype, device)
 

@@ -1,5 +1,7 @@
-"""Run under torchrun by test_distributed.py: build, generate, and save what this rank saw."""
+"""Run under torchrun by test_distributed.py (and test_lora.py, with an adapter): build, generate, and save
+what this rank saw."""
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -9,8 +11,8 @@ from llama import Llama
 PROMPTS = ["The cat sat on the", "A", "Then the brave little girl ran into the dark forest and"]
 
 
-def main(ckpt_dir: str, out_prefix: str) -> None:
-    g = Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", max_seq_len=64, max_batch_size=4, seed=3)
+def main(ckpt_dir: str, out_prefix: str, lora: Optional[str] = None) -> None:
+    g = Llama.build(ckpt_dir, f"{ckpt_dir}/tokenizer.model", max_seq_len=64, max_batch_size=4, seed=3, lora=lora)
     tokens = torch.tensor([g.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
     result = {
         "logits": g.model(tokens, 0),

@@ -1,5 +1,6 @@
 """Hugging Face Llama folders: conversion both ways, loading per rank, parity with transformers, bad input."""
 import json
+import logging
 import shutil
 
 import pytest
@@ -8,8 +9,9 @@ import torch
 from conftest import run_python
 from dist_worker import PROMPTS
 from llama import Llama
-from llama.checkpoint import load_shard, split_state_dict
+from llama.checkpoint import load_shard, split_state_dict, write_checkpoint
 from llama.errors import CheckpointError
+from llama.hf import write_hf
 from llama.loading import open_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -164,3 +166,17 @@ def test_a_failed_conversion_leaves_no_folder(tiny_hf, tmp_path):
     proc = run_python("scripts/convert_checkpoint.py", str(bad), str(tmp_path / "out"), "--to", "meta")
     assert proc.returncode == 1 and "missing: ['model.layers.2." in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_llama31_export_has_more_positions_than_its_original_context(tiny_ckpt, tmp_path, caplog, monkeypatch):
+    """transformers warns when max_position_embeddings <= rope_scaling's original_max_position_embeddings."""
+    params = {**json.loads((tiny_ckpt / "params.json").read_text()), "use_scaled_rope": True,
+              "rope_scale_factor": 8.0, "rope_original_max_seq_len": 8192}
+    write_checkpoint(tmp_path / "meta", params, load_shard(tiny_ckpt / "consolidated.00.pth"))
+    out = write_hf(open_checkpoint(tmp_path / "meta"), tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 65536  # 8192 x 8
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        config = transformers.LlamaConfig.from_pretrained(out)
+    assert config.max_position_embeddings == 65536
+    assert not [r for r in caplog.records if "max_position_embeddings" in r.getMessage()], caplog.text

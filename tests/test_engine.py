@@ -5,7 +5,6 @@ import json
 import threading
 
 import pytest
-import torch
 
 import engine_workload
 from conftest import torchrun
