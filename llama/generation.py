@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Collection, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Callable, Collection, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -281,6 +281,35 @@ class Llama:
 
     # Serving.
 
+    def submit(
+        self,
+        prompt_tokens: List[int],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        *,
+        top_k: int = 0,
+        stop: Stop = None,
+        stop_tokens: Optional[Collection[int]] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: Optional[int] = None,
+        decode_after: Optional[List[int]] = None,
+        max_waiting: Optional[int] = None,
+    ) -> "Completion":
+        """Queue one prompt and return at once: a `Completion` to iterate for its output as it comes, or
+        to wait for. What a server calls from its request threads; under model parallelism only rank 0
+        submits, while serve_forever runs.
+
+        The arguments are those of `generate`. The text is decoded after `decode_after` (default: the
+        prompt; a chat answer passes []). With `max_waiting`, a prompt that would make more than that
+        many requests wait for a slot raises llama.engine.QueueFull instead.
+        """
+        context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
+        requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
+                               stop_tokens, logprobs, echo, seed, max_waiting=max_waiting)
+        return Completion(self, requests[0])
+
     def serve_forever(self) -> None:
         """Serve requests from other threads until `shutdown`. On rank 0, call it in a thread of its own
         and make calls from any other threads; on every other rank, call it instead of making calls: it
@@ -296,7 +325,8 @@ class Llama:
 
     def _start(self, prompt_tokens: List[List[int]], contexts: Optional[List[List[int]]], max_gen_len: int,
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
-               logprobs: bool = False, echo: bool = False, seed: Optional[int] = None) -> List[Request]:
+               logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
+               max_waiting: Optional[int] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None."""
@@ -321,7 +351,7 @@ class Llama:
                             text_context=None if contexts is None else list(contexts[i]), logprobs=logprobs,
                             prompt_stats=logprobs and echo, seed=base_seed + i, index=i)
                     for i, p in enumerate(prompt_tokens)]
-        self._submit(requests)
+        self._submit(requests, max_waiting)
         return requests
 
     def _agreed(self, check, same, what: str):
@@ -333,7 +363,7 @@ class Llama:
             return check()
         return on_every_rank(check, same=same, what=what)
 
-    def _submit(self, requests: List[Request]) -> None:
+    def _submit(self, requests: List[Request], max_waiting: Optional[int] = None) -> None:
         if self.engine.mp_size > 1 and not self.engine.serving:
             me = threading.get_ident()
             if self._spmd_call not in (None, me):
@@ -341,15 +371,15 @@ class Llama:
                                    "ones; to take calls from several threads, run serve_forever() on every rank "
                                    "but 0 and in a thread of rank 0")
             self._spmd_call = me
-        self.engine.submit(requests, self.engine.waiter())
+        self.engine.submit(requests, self.engine.waiter(), max_waiting)
 
-    def _wait(self, requests: List[Request], text: bool = False) -> None:
-        """Wait until every request is done (with `text`, until one has text to pop); if one fails,
-        cancel the others and raise its error."""
+    def _wait(self, requests: List[Request], text: bool = False, more: Optional[Callable[[], bool]] = None) -> None:
+        """Wait until every request is done (with `text`, until one has text to pop, or `more()`); if one
+        fails, cancel the others and raise its error."""
 
         def until() -> bool:
             return (all(r.done for r in requests) or any(r.error for r in requests)
-                    or (text and any(r.stream.ready() for r in requests)))
+                    or (text and any(r.stream.ready() for r in requests)) or (more is not None and more()))
 
         try:
             self.engine.run(until, requests[0].waiter)
@@ -470,3 +500,84 @@ class Stream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Delta(NamedTuple):
+    """What a completion added since the last one: text, and the tokens (with their log-probabilities when
+    asked for) that made it. Text lags its tokens where a character or a possible stop string is unfinished."""
+
+    text: str
+    tokens: List[int]
+    logprobs: List[Optional[float]]
+
+
+class Completion:
+    """One submitted prompt (`Llama.submit`): iterate for its Deltas as they are generated, or `wait`.
+    Dropping it, or `cancel`, frees its slot at the next step."""
+
+    def __init__(self, llama: Llama, request: Request):
+        self._llama = llama
+        self.request = request
+        self._sent = 0  # tokens already handed out in a Delta
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """None while running; then "stop" (a stop token or string), "length" (max_gen_len or max_seq_len),
+        "cancelled" or "error"."""
+        return self.request.finish_reason
+
+    @property
+    def text(self) -> str:
+        return self.request.stream.text
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.request.tokens
+
+    @property
+    def logprobs(self) -> List[Optional[float]]:
+        return self.request.token_logprobs
+
+    @property
+    def prompt_tokens(self) -> List[int]:
+        return self.request.prompt
+
+    @property
+    def prompt_logprobs(self) -> List[float]:
+        """Of prompt tokens 1.., with logprobs and echo."""
+        return self.request.prompt_logprobs
+
+    @property
+    def ttft(self) -> Optional[float]:
+        """Seconds from submitting to the first token."""
+        r = self.request
+        return None if r.first_token_at is None else r.first_token_at - r.submitted_at
+
+    def wait(self) -> "Completion":
+        """Block until done; raise the request's error, if it failed."""
+        self._llama._wait([self.request])
+        return self
+
+    def __iter__(self) -> Iterator[Delta]:
+        r = self.request
+        try:
+            while True:
+                self._llama._wait([r], text=True, more=lambda: len(r.tokens) > self._sent)
+                with self._llama.engine.lock:
+                    text, tokens = r.stream.pop(), r.tokens[self._sent :]
+                    logprobs = r.token_logprobs[self._sent :]
+                    self._sent = len(r.tokens)
+                if text or tokens:
+                    yield Delta(text, tokens, logprobs)
+                elif r.done:
+                    return
+        finally:
+            if not r.done:
+                self.cancel()
+
+    def cancel(self) -> None:
+        self._llama.engine.cancel([self.request])
+
+    def __del__(self) -> None:
+        if not self.request.done:
+            self.cancel()
