@@ -26,7 +26,7 @@ _LLAMA2_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
 def default_chat_format(tokenizer: AnyTokenizer) -> str:
-    return "llama3" if isinstance(tokenizer, Llama3Tokenizer) else "llama2"
+    return tokenizer.default_chat_format
 
 
 def check_chat_format(chat_format: Optional[str], tokenizer: AnyTokenizer) -> str:
@@ -34,7 +34,7 @@ def check_chat_format(chat_format: Optional[str], tokenizer: AnyTokenizer) -> st
     name = default_chat_format(tokenizer) if chat_format is None else chat_format
     if name not in CHAT_FORMATS:
         raise ValueError(f"chat_format={chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
-    if name == "llama3" and not isinstance(tokenizer, Llama3Tokenizer):
+    if name == "llama3" and getattr(tokenizer, "start_header_id", None) is None:
         raise ValueError("chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header tokens); this "
                          "checkpoint has a SentencePiece one: use 'llama2' or leave chat_format unset")
     return name

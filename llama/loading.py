@@ -20,7 +20,7 @@ from llama.hf import HFCheckpoint, is_hf_folder
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
 from llama.quantize import prepare_for_state_
-from llama.tokenizer import AnyTokenizer, load_tokenizer
+from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     """This rank's model, loaded and ready to decode, and the tokenizer. Files, which hosts may see
     differently, are checked first, and every rank agrees on the outcome before loading, so a bad
     input fails on every rank alike."""
-    tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
+    tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     rank, mp_size = setup_model_parallel(mp_size, device)
 
