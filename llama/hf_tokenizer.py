@@ -98,12 +98,16 @@ def sentencepiece_tokenizer_json(data: bytes):
     tok = tk.Tokenizer(BPEModel(vocab=vocab, merges=_sentencepiece_merges(model), unk_token=unk, fuse_unk=True,
                                 byte_fallback=model.byte_fallback))
     steps = [normalizers.Precompiled(model.precompiled_charsmap)] if model.precompiled_charsmap else []
-    if model.remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    space = "\u2581" if model.escape_whitespaces else " "
+    if model.remove_extra_whitespaces:  # leading spaces go, inner runs shrink to one
+        steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if model.add_dummy_prefix:
         steps.append(normalizers.Prepend(" "))
     if model.escape_whitespaces:
-        steps.append(normalizers.Replace(" ", "\u2581"))
+        steps.append(normalizers.Replace(" ", space))
+    if model.remove_extra_whitespaces:
+        # SentencePiece trims the end after escaping, so a "▁" typed in the text goes there too
+        steps.append(normalizers.Replace(Regex(f"{space}+\\z"), ""))
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = None
     tok.decoder = _sentencepiece_decoder(model, unk)
