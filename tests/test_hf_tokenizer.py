@@ -19,6 +19,7 @@ from llama.checkpoint import write_checkpoint
 from llama.hf import write_hf
 from llama.hf_tokenizer import write_tokenizer_files
 from llama.loading import open_checkpoint
+from llama.sp_model import read_sentencepiece_model
 from llama.tiny import TINY_PARAMS, random_state_dict
 from llama.model import ModelArgs
 from llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
@@ -79,6 +80,17 @@ def read(path):
     return json.loads(path.read_text())
 
 
+def test_sentencepiece_proto_fields_of_the_real_llama_tokenizer():
+    model = read_sentencepiece_model(asset("llama_tokenizer.model").read_bytes())
+    assert (len(model.pieces), model.model_type, model.byte_fallback, model.normalizer_name) == (32000, 2, True,
+                                                                                                 "identity")
+    assert (model.add_dummy_prefix, model.remove_extra_whitespaces, model.escape_whitespaces) == (True, False, True)
+    assert [(p.piece, p.type) for p in model.pieces[:4]] == [("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<0x00>", 6)]
+    assert (model.pieces[306].piece, model.pieces[306].score) == ("▁I", -47.0)
+    with pytest.raises(ValueError, match="not a SentencePiece model proto"):
+        read_sentencepiece_model(b"\x0a\xff")
+
+
 def test_real_llama_tokenizer_in_autotokenizer(exported):
     ours, hf, out = exported("llama")
     assert hf_ids(hf, "I believe the meaning of life is") == [1, 306, 4658, 278, 6593, 310, 2834, 338]
@@ -131,8 +143,9 @@ def test_special_token_text_is_text_when_split(exported, name):
 
 PIECES = [" ", "  ", "\n", "\t", "\r\n", "a", "the", " the", "é", "ß", "🦙", "👍🏽", "世界", "\u00a0", "\u3000", "ﬁ",
           "12", "'s", "'LL", "[INST]", "<0x41>", "▁", "\x00"]
-texts = st.one_of(st.text(max_size=40), st.lists(st.sampled_from(PIECES), max_size=16).map("".join),
-                  st.lists(st.one_of(st.sampled_from(PIECES), st.characters()), max_size=16).map("".join))
+texts = st.one_of(
+    st.text(max_size=40), st.lists(st.sampled_from(PIECES), max_size=16).map("".join),
+    st.lists(st.one_of(st.sampled_from(PIECES), st.characters(exclude_categories=("Cs",))), max_size=16).map("".join))
 
 
 def _graphemes_of_one_code_point(text: str) -> bool:
@@ -232,6 +245,20 @@ def test_hf_to_hf_keeps_the_tokenizer_files(tiny_hf, tmp_path):
     assert read(out / "tokenizer_config.json")["chat_template"] == "{{ 'custom' }}"
     assert (out / "tokenizer.json").read_bytes() == (tiny_hf / "tokenizer.json").read_bytes()
     assert read(out / "config.json")["eos_token_id"] == 2
+
+
+def test_a_sentencepiece_model_tokenizer_json_cannot_match_is_left_out_with_a_warning(tiny_ckpt, tmp_path, caplog):
+    import sentencepiece as spm
+
+    from llama.tiny import _corpus
+
+    src = shutil.copytree(tiny_ckpt, tmp_path / "unigram")
+    with open(src / "tokenizer.model", "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus(0, 500)), model_writer=f, vocab_size=200,
+                                       model_type="unigram", minloglevel=2)
+    out = convert(src, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert "no Hugging Face tokenizer files" in caplog.text and "unigram" in caplog.text
 
 
 def test_build_from_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_path):
