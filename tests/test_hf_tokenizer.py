@@ -272,6 +272,15 @@ def test_build_from_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_p
         tiny_llama.chat_completion(DIALOGS[:2], temperature=0, max_gen_len=8)
 
 
+def test_example_py_runs_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_path):
+    path = without_tokenizer_model(tiny_hf, tmp_path / "alone")
+    proc = run_python("example.py", "--ckpt_dir", str(path), "--temperature", "0", "--max_gen_len", "8",
+                      "--prompts", "The cat sat")
+    assert proc.returncode == 0, proc.stderr
+    expected = tiny_llama.text_completion(["The cat sat"], temperature=0, max_gen_len=8)[0]["generation"]
+    assert proc.stdout.startswith("The cat sat" + expected + "\n")
+
+
 def test_build_llama3_style_tokenizer_json_chats_as_tiktoken(tmp_path):
     tok = write_tiny_tiktoken(tmp_path / "tiktoken.model")
     params = {**TINY_PARAMS, "vocab_size": 712, "rope_theta": 500000.0}
