@@ -348,13 +348,15 @@ def _wait_healthy(proc, port, log, deadline):
     pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
 
 
-def test_transformers_serve_completions_equal_ours(stories, tmp_path):
+def test_transformers_serve_answers_as_ours(stories, tmp_path):
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
         pytest.skip("transformers serve needs fastapi, uvicorn, openai and pydantic: pip install 'llama[test]'")
     g, path = stories
     expected = g.text_completion(["Once upon a time"], temperature=0, max_gen_len=20)[0]["generation"]
+    chat = [{"role": "user", "content": "Tell me a story"}]
+    answer = g.chat_completion([chat], temperature=0, max_gen_len=10)[0]["generation"]
     modes = {"plain": [], "continuous batching": [  # a small paged cache: the default is sized for a GPU
         "--continuous-batching", "--cb-num-blocks", "16", "--cb-block-size", "32", "--cb-max-batch-tokens", "64"]}
     servers = {}
@@ -374,6 +376,9 @@ def test_transformers_serve_completions_equal_ours(stories, tmp_path):
                 "model": str(path), "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}, timeout=60)
             assert reply["choices"][0]["text"] == expected, mode
             assert reply["usage"]["completion_tokens"] == 20, mode
+            reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {
+                "model": str(path), "messages": chat, "max_tokens": 10, "temperature": 0}, timeout=60)
+            assert reply["choices"][0]["message"] == answer, mode  # through our chat template
     finally:
         for proc, _, _ in servers.values():
             proc.terminate()
