@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 GENERATION_CONFIG = "generation_config.json"
-# Loads tokenizer.json as it is (transformers 4 and 5); a model-specific class would rebuild the pipeline.
+# Loads tokenizer.json as it is (transformers 5: TokenizersBackend); LlamaTokenizer would rebuild the
+# pipeline from its own settings and lose the model's normalizer.
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 _ALL_LEADING = 1 << 16  # a Strip decoder count that means every leading space
 
@@ -54,7 +55,7 @@ _ALL_LEADING = 1 << 16  # a Strip decoder count that means every leading space
 def unsupported_sentencepiece(model: SentencePieceModel) -> Optional[str]:
     """Why `model` cannot become an exact tokenizer.json, or None when it can."""
     if model.model_type != BPE:
-        return "it is a unigram model (only BPE models, like LLaMA's, are converted)"
+        return "it is not a BPE model (only BPE models, like LLaMA's, are converted)"
     kinds = {p.type for p in model.pieces} - {NORMAL, UNKNOWN, CONTROL, BYTE}
     if kinds:
         return ("it has user-defined or unused pieces, which SentencePiece matches in ways tokenizer.json "

@@ -258,7 +258,7 @@ def test_a_sentencepiece_model_tokenizer_json_cannot_match_is_left_out_with_a_wa
                                        model_type="unigram", minloglevel=2)
     out = convert(src, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
-    assert "no Hugging Face tokenizer files" in caplog.text and "unigram" in caplog.text
+    assert "no Hugging Face tokenizer files" in caplog.text and "not a BPE model" in caplog.text
 
 
 def test_build_from_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_path):
