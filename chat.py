@@ -72,7 +72,7 @@ def main(
         raise ValueError(f"max_gen_len={max_gen_len!r} must be a positive integer below max_seq_len={max_seq_len}")
     generator = Llama.build(
         ckpt_dir=str(ckpt_dir),
-        tokenizer_path=str(tokenizer_path or f"{ckpt_dir}/tokenizer.model"),
+        tokenizer_path=str(tokenizer_path) if tokenizer_path else None,
         max_seq_len=max_seq_len,
         max_batch_size=1,
         model_parallel_size=model_parallel_size,

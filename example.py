@@ -59,7 +59,7 @@ def main(
             log.warning(DEMO_WARNING)
             ckpt_dir = str(make_tiny_checkpoint(os.path.join(scratch, "tiny")))
         ckpt_dir = str(ckpt_dir)
-        tokenizer_path = str(tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"))
+        tokenizer_path = str(tokenizer_path) if tokenizer_path else None  # build finds the folder's
         generator = Llama.build(
             ckpt_dir=ckpt_dir,
             tokenizer_path=tokenizer_path,

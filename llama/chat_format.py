@@ -35,7 +35,7 @@ _ALPACA_TAGS = ("### Instruction:", "### Input:", "### Response:")
 
 
 def default_chat_format(tokenizer: AnyTokenizer) -> str:
-    return "llama3" if isinstance(tokenizer, Llama3Tokenizer) else "llama2"
+    return tokenizer.default_chat_format
 
 
 def check_chat_format_name(chat_format: Optional[str]) -> None:
@@ -48,7 +48,7 @@ def check_chat_format(chat_format: Optional[str], tokenizer: AnyTokenizer) -> st
     """`chat_format` (default: the tokenizer's), refused when unknown or when the tokenizer lacks its tokens."""
     check_chat_format_name(chat_format)
     name = default_chat_format(tokenizer) if chat_format is None else chat_format
-    if name == "llama3" and not isinstance(tokenizer, Llama3Tokenizer):
+    if name == "llama3" and getattr(tokenizer, "start_header_id", None) is None:
         raise ValueError("chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header tokens); this "
                          "checkpoint has a SentencePiece one: use 'llama2' or leave chat_format unset")
     return name

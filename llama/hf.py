@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, atomic_folder, check_names, check_world,
                               extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
 from llama.errors import CheckpointError
+from llama.hf_tokenizer import export_tokenizer
 from llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -223,10 +223,10 @@ class HFCheckpoint:
 
 
 def _token_ids(folder: Path) -> Tuple[Optional[int], Union[int, List[int], None]]:
-    """(BOS, EOS) for config.json from the folder's tokenizer.model; Llama 3 lists all its stop ids."""
-    from llama.tokenizer import load_tokenizer
+    """(BOS, EOS) for config.json from the folder's tokenizer; Llama 3 lists all its stop ids."""
+    from llama.tokenizer import find_tokenizer, load_tokenizer
 
-    path = folder / "tokenizer.model"
+    path = Path(find_tokenizer(folder))
     if not path.is_file():
         return None, None
     tok = load_tokenizer(path)
@@ -266,7 +266,5 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
             (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype, *_token_ids(ckpt.path)), indent=2)
                                          + "\n")
-        tokenizer = ckpt.path / "tokenizer.model"
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        export_tokenizer(ckpt.path, tmp)
     return Path(out_dir)

@@ -19,7 +19,7 @@ from llama.lora import open_adapter
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
 from llama.quantize import prepare_int8_, quantize_model_
-from llama.tokenizer import AnyTokenizer, load_tokenizer
+from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     takes its parts as rows), so loading holds one copy of the weights. `lora`, a PEFT adapter
     folder, is merged into each tensor as it is read (llama.lora), before any quantizing.
     """
-    tokenizer_path = tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model")
+    tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
     rank, mp_size = setup_model_parallel(mp_size, device)
 

@@ -30,7 +30,9 @@ def tiny_hf(tiny_ckpt2, tmp_path_factory):
 
 
 def test_meta_hf_meta_round_trip_gives_identical_tensors(tiny_ckpt2, tiny_hf, tmp_path):
-    assert sorted(p.name for p in tiny_hf.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in tiny_hf.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((tiny_hf / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # from the folder's tokenizer.model
     assert len({p.stat().st_mode for p in tiny_hf.iterdir()}) == 1  # the same permissions for every file

@@ -1,0 +1,48 @@
+"""Jinja chat templates for Hugging Face's `apply_chat_template`, one per chat format of llama.chat_format.
+
+Each renders the text whose tokens are `encode_dialog(tokenizer, dialog, name)`: the exported
+tokenizer.json encodes each stretch between special tokens as its own SentencePiece call, and the
+special tokens (`bos_token`, `eos_token`, Llama 3's headers) appear in the text as themselves.
+A new chat format gets its template by adding an entry keyed by its CHAT_FORMATS name.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+# Llama 2: a system message folds into the first user turn; a finished exchange is
+# <s>[INST] user [/INST] answer </s>; the prompt ends with the last user turn's [/INST].
+_LLAMA2 = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
+    "{%- set turns = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
+    " + messages[1]['content']}] + messages[2:] -%}"
+    "{%- else -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) or message['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('after an optional system message, roles must alternate user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- ' ' + message['content'] | trim + ' ' + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Llama 3: <|begin_of_text|>, each message as a role header, its content and <|eot_id|>; the
+# generation prompt is an open assistant header.
+_LLAMA3 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+CHAT_TEMPLATES: Dict[str, str] = {
+    "llama2": _LLAMA2,
+    "llama3": _LLAMA3,
+}
