@@ -9,11 +9,11 @@ import io
 import os
 import random
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-from llama.checkpoint import StateDict, write_checkpoint
+from llama.checkpoint import StateDict, full_shapes, write_checkpoint
 from llama.model import ModelArgs
 
 TINY_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
@@ -52,30 +52,14 @@ def train_tokenizer(path: str | os.PathLike, vocab_size: int = 512, seed: int = 
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, std: float = 0.08) -> StateDict:
-    """Whole-model random weights in Meta's names and (out, in) shapes, float32."""
+    """Whole-model random weights in Meta's names and (out, in) shapes, float32: norms near 1, the
+    embedding and output wide enough that greedy text varies."""
     gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
-
-    def norm_weight() -> torch.Tensor:
-        return 1.0 + rand(args.dim)
-
-    kv_dim = args.n_kv_heads * args.head_dim
-    sd: Dict[str, torch.Tensor] = {"tok_embeddings.weight": rand(args.vocab_size, args.dim) * 10}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        sd[p + "attention.wq.weight"] = rand(args.dim, args.dim)
-        sd[p + "attention.wk.weight"] = rand(kv_dim, args.dim)
-        sd[p + "attention.wv.weight"] = rand(kv_dim, args.dim)
-        sd[p + "attention.wo.weight"] = rand(args.dim, args.dim)
-        sd[p + "feed_forward.w1.weight"] = rand(args.hidden_dim, args.dim)
-        sd[p + "feed_forward.w2.weight"] = rand(args.dim, args.hidden_dim)
-        sd[p + "feed_forward.w3.weight"] = rand(args.hidden_dim, args.dim)
-        sd[p + "attention_norm.weight"] = norm_weight()
-        sd[p + "ffn_norm.weight"] = norm_weight()
-    sd["norm.weight"] = norm_weight()
-    sd["output.weight"] = rand(args.vocab_size, args.dim) * 3
+    scale = {"tok_embeddings.weight": 10.0, "output.weight": 3.0}
+    sd: StateDict = {}
+    for name, shape in full_shapes(args).items():
+        t = torch.randn(*shape, generator=gen) * std
+        sd[name] = 1.0 + t if len(shape) == 1 else t * scale.get(name, 1.0)
     return sd
 
 
