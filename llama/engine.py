@@ -181,7 +181,7 @@ class Engine:
         self._slots: List[Optional[Request]] = [None] * self.max_batch_size
         self._by_id: Dict[int, Request] = {}  # requests not yet finished, for results broadcast by rank 0
         self._ids = itertools.count()
-        self._driver: Optional[int] = None  # the thread running steps
+        self._driver: Optional[object] = None  # the id of the thread running steps
         self._serving = False  # rank 0 runs serve_forever: other threads never drive
         self._stopped: Optional[str] = None
         self.stats = Stats()
@@ -209,9 +209,9 @@ class Engine:
         with self._lock:
             if self._stopped is not None:
                 raise EngineStopped(self._stopped)
-            if max_waiting is not None and len(self._waiting) + len(requests) > max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is {max_waiting}): "
-                                "retry later")
+            waiting = sum(not r.cancelled for r in self._waiting)
+            if max_waiting is not None and waiting + len(requests) > max_waiting:
+                raise QueueFull(f"{waiting} requests are already waiting (the limit is {max_waiting}): retry later")
             now = time.perf_counter()
             for r in requests:
                 r.id, r.waiter, r.submitted_at = next(self._ids), waiter, now
@@ -253,7 +253,7 @@ class Engine:
     def pending(self) -> Tuple[int, int]:
         """(requests waiting for a slot, requests in slots)."""
         with self._lock:
-            return len(self._waiting), sum(r is not None for r in self._slots)
+            return sum(not r.cancelled for r in self._waiting), sum(r is not None for r in self._slots)
 
     def _start_driver(self) -> None:
         """(lock held, model-parallel size 1) A thread to run the steps while there is work. One thread
@@ -410,8 +410,11 @@ class Engine:
             if r is not None and (r.cancelled or r.done):
                 self._end(r, "cancelled")
                 self._slots[slot] = None
-        while self._waiting and self._waiting[0].cancelled:
-            self._end(self._waiting.popleft(), "cancelled")
+        if any(r.cancelled for r in self._waiting):
+            for r in self._waiting:
+                if r.cancelled:
+                    self._end(r, "cancelled")
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
         for slot in range(self.max_batch_size):
             if not self._waiting:
                 break
@@ -421,8 +424,6 @@ class Engine:
                 if r.temperature > 0:
                     r.generator = torch.Generator().manual_seed(r.seed)
                 self._slots[slot] = r
-            while self._waiting and self._waiting[0].cancelled:
-                self._end(self._waiting.popleft(), "cancelled")
         active = [r for r in self._slots if r is not None]
         decoding = [r for r in active if r.filled == len(r.prompt)]
         prefilling = sorted((r for r in active if r.filled < len(r.prompt)), key=lambda r: r.id)
