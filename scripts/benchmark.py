@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import fire
 import torch
@@ -311,21 +311,28 @@ def _median_range(values: List[float]) -> Dict[str, float]:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
 
 
-def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
-        prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
-        quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-        threads: Optional[int] = None, seed: int = 0, device: str = "cpu") -> dict:
+def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str, threads: Optional[int],
+          cache_dir: Optional[str]) -> Tuple[str, torch.device, torch.dtype]:
+    """The checkpoint to measure (a --shape's random weights written on first use), device and dtype."""
     if (ckpt_dir is None) == (shape is None):
         raise ValueError("pass exactly one of --ckpt_dir and --shape")
-    if compare not in (None, "hf"):
-        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
-    batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     if threads is not None:
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if shape is not None:
         ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+    return ckpt_dir, torch_device, torch_dtype
+
+
+def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
+        prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
+        quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
+        threads: Optional[int] = None, seed: int = 0, device: str = "cpu") -> dict:
+    if compare not in (None, "hf"):
+        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
+    batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
+    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
     build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
                         dtype=torch_dtype, quantize=quantize)
 
@@ -368,14 +375,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
 def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare, cache_dir, threads,
                device, concurrency, prefill_gap, prefill_chunk) -> dict:
     """The --concurrency and --prefill_gap reports (see the module docstring)."""
-    if (ckpt_dir is None) == (shape is None):
-        raise ValueError("pass exactly one of --ckpt_dir and --shape")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    if shape is not None:
-        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
     n = concurrency or 8
     max_seq_len = max(2 * prompt_len + 1, prefill_gap or 0) + gen_len + 1
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=max_seq_len,
