@@ -25,3 +25,4 @@ def test_benchmark_bad_flags(tmp_path):
     assert proc.returncode == 1 and "gpt5" in proc.stderr and "tinyllama-1.1b" in proc.stderr
     proc = run_python("scripts/benchmark.py")
     assert proc.returncode == 1 and "--ckpt_dir" in proc.stderr
+

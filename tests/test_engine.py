@@ -5,9 +5,10 @@ import json
 import threading
 
 import pytest
+import torch
 
 import engine_workload
-from conftest import torchrun
+from conftest import script, torchrun
 from llama import Llama
 
 CHUNK = 16
@@ -159,6 +160,17 @@ def test_a_row_whose_logits_turn_nan_fails_its_call_and_no_other(g):
     assert text == alone
     assert "row 0 at generation step 0: the model's logits are NaN" in str(errors[0])
     assert "First non-finite output: tok_embeddings (Embedding, torch.float32" in str(errors[0])
+
+
+def test_requests_from_threads_equal_transformers_continuous_batching(tiny_ckpt, g):
+    """The same greedy requests through transformers' own continuous batching (generate_batch) on the same
+    float32 weights give the same tokens."""
+    benchmark = script("benchmark")  # its HF model and runners
+    hf = benchmark.hf_model(str(tiny_ckpt), torch.float32, torch.device("cpu"))
+    prompts = benchmark.mixed_prompts(5, 10, g.model.vocab_size)
+    ours = benchmark._threads(g, prompts, 8)
+    assert ours == benchmark._hf_batch(hf, prompts, 8, g.tokenizer.eos_id)
+    assert len({len(p) for p in prompts}) > 3 and sum(map(len, ours)) > 20
 
 
 def test_two_processes_serving_threads_equal_one_process(tiny_ckpt2, g, solo, tmp_path):
