@@ -23,7 +23,8 @@ JSON object) to stdout.
 --concurrency N sends N greedy requests together, prompts of mixed lengths (4 to 2 * prompt_len
 tokens), each `generate` from its own thread, and compares the total tokens per second with the
 same requests sent one after another, and with --compare hf, transformers' own continuous batching
-(`LlamaForCausalLM.generate_batch`) on the same weights. --prefill_gap L streams 8 greedy requests
+(`LlamaForCausalLM.generate_batch`) on the same weights: as `generate_batch(inputs,
+generation_config)` runs by default, and with its paged cache sized for the requests. --prefill_gap L streams 8 greedy requests
 and, once they decode, sends a prompt of L tokens: it reports the streams' gaps between tokens
 (median, p99) before and while that prompt is prefilled, a chunk per step.
 """
@@ -229,11 +230,22 @@ def _threads(generator: Llama, prompts: List[List[int]], gen_len: int) -> List[L
     return out
 
 
-def _hf_batch(model, prompts: List[List[int]], gen_len: int, eos: int) -> List[List[int]]:
+def _hf_batch(model, prompts: List[List[int]], gen_len: int, eos: int,
+              sized_for: Optional[int] = 256) -> List[List[int]]:
+    """transformers' continuous batching of `prompts`: with `sized_for` (a per-step token budget, as our
+    prefill_chunk), its paged cache sized for these requests; with None, as `generate_batch(inputs,
+    generation_config)` sizes it, from the free memory, which takes seconds to allocate on a CPU."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    batching = None
+    if sized_for is not None:
+        page = 32
+        blocks = sum(-(-(len(p) + gen_len) // page) for p in prompts) + len(prompts)
+        batching = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=sized_for)
+    out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching,
+                               progress_bar=False)
     rows = [list(out[f"req_{i}"].generated_tokens) for i in range(len(prompts))]
     return [row[: row.index(eos)] if eos in row else row for row in rows]
 
@@ -246,7 +258,9 @@ def run_concurrency(generator: Llama, hf, n: int, prompt_len: int, gen_len: int,
     runners = {"threads": lambda: _threads(generator, prompts, gen_len),
                "serial": lambda: [generator.generate([p], max_gen_len=gen_len, temperature=0)[0][0] for p in prompts]}
     if hf is not None:
-        runners["hf_generate_batch"] = lambda: _hf_batch(hf, prompts, gen_len, eos)
+        runners["hf_generate_batch"] = lambda: _hf_batch(hf, prompts, gen_len, eos, sized_for=None)
+        runners["hf_generate_batch_sized"] = lambda: _hf_batch(hf, prompts, gen_len, eos,
+                                                               sized_for=generator.engine.prefill_chunk)
     for name, runner in runners.items():
         progress(f"concurrency {n}: warm-up {name}")
         runner()
