@@ -71,6 +71,7 @@ class Request:
     prompt_stats: bool = False
     seed: int = 0
     index: int = 0  # its row in the call that made it, for error messages
+    follow: bool = False  # its caller waits for each new token (a stream), not only for the end
 
     # Filled in by the engine.
     id: int = -1
@@ -592,8 +593,8 @@ class Engine:
                 changed.add(r)
         for r in changed:
             if r.done:
-                self._end(r, r.finish_reason, r.error)
-            if r.waiter is not None:
+                self._end(r, r.finish_reason, r.error)  # which tells its waiter
+            elif r.follow and r.waiter is not None:
                 r.waiter.notify_all()
 
     def _record_ttft(self, r: Request) -> None:

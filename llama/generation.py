@@ -186,7 +186,7 @@ class Llama:
         this returns; closing the stream (or dropping it) frees their slots."""
         prompt_tokens = self._encode_prompts(prompts)
         requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
-                               stop, stop_tokens, seed=seed)
+                               stop, stop_tokens, seed=seed, follow=True)
         return Stream(self, requests)
 
     def chat_completion(
@@ -225,7 +225,7 @@ class Llama:
         """`chat_completion` as it happens, yielding like `stream`."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
-                               top_p, top_k, stop, stop_tokens, seed=seed)
+                               top_p, top_k, stop, stop_tokens, seed=seed, follow=True)
         return Stream(self, requests)
 
     def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
@@ -307,7 +307,7 @@ class Llama:
         """
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
-                               stop_tokens, logprobs, echo, seed, max_waiting=max_waiting)
+                               stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True)
         return Completion(self, requests[0])
 
     def serve_forever(self) -> None:
@@ -326,7 +326,7 @@ class Llama:
     def _start(self, prompt_tokens: List[List[int]], contexts: Optional[List[List[int]]], max_gen_len: int,
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
-               max_waiting: Optional[int] = None) -> List[Request]:
+               max_waiting: Optional[int] = None, follow: bool = False) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None."""
@@ -349,7 +349,7 @@ class Llama:
         requests = [Request(prompt=list(p), max_new=min(max_gen_len, self.max_seq_len - len(p)),
                             temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, stop=stops,
                             text_context=None if contexts is None else list(contexts[i]), logprobs=logprobs,
-                            prompt_stats=logprobs and echo, seed=base_seed + i, index=i)
+                            prompt_stats=logprobs and echo, seed=base_seed + i, index=i, follow=follow)
                     for i, p in enumerate(prompt_tokens)]
         self._submit(requests, max_waiting)
         return requests
