@@ -5,9 +5,11 @@ waiting requests take the free ones (iteration-level scheduling, as in Orca and 
 prompt is prefilled into its slot in chunks, at most `prefill_chunk` tokens per step, in the same
 steps as the running rows' decoding: a long prompt holds them up one chunk at a time.
 
-Nothing runs in the background. A thread waiting for its results drives the loop while nobody
-else does (`Engine.run`), so a single-threaded caller runs exactly its own steps, and calls from
-several threads share the steps of whichever of them drives (`serve_forever` dedicates a thread).
+Calls wait for their requests (`Engine.run`) while one thread runs the steps for all of them: at
+model-parallel size 1 a driver thread started when there is work, ending when there is none
+(or the thread in `serve_forever`); under model parallelism, so that every rank issues its
+collectives from one thread, the calling thread itself (research code is SPMD: every rank makes
+the same calls) or, for a server, `serve_forever` on every rank.
 
 Under model parallelism rank 0 decides: each step's plan (the forwards' inputs: tokens,
 positions, slots) and its results (sampled tokens, finished and failed requests) are broadcast
