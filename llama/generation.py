@@ -361,16 +361,19 @@ class Llama:
             if not self.engine.leader:
                 raise RuntimeError("this rank runs rank 0's requests (serve_forever): make calls on rank 0")
             return check()
-        return on_every_rank(check, same=same, what=what)
+        me = threading.get_ident()
+        if self._spmd_call not in (None, me):  # refused before any collective: another thread's would interleave
+            raise RuntimeError("under model parallelism one thread per rank makes calls, every rank the same ones; "
+                               "to take calls from several threads, run serve_forever() on every rank but 0 and in "
+                               "a thread of rank 0")
+        self._spmd_call = me
+        try:
+            return on_every_rank(check, same=same, what=what)
+        except BaseException:
+            self._spmd_call = None
+            raise
 
     def _submit(self, requests: List[Request], max_waiting: Optional[int] = None) -> None:
-        if self.engine.mp_size > 1 and not self.engine.serving:
-            me = threading.get_ident()
-            if self._spmd_call not in (None, me):
-                raise RuntimeError("under model parallelism one thread per rank makes calls, every rank the same "
-                                   "ones; to take calls from several threads, run serve_forever() on every rank "
-                                   "but 0 and in a thread of rank 0")
-            self._spmd_call = me
         self.engine.submit(requests, self.engine.waiter(), max_waiting)
 
     def _wait(self, requests: List[Request], text: bool = False, more: Optional[Callable[[], bool]] = None) -> None:
