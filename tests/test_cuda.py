@@ -30,7 +30,7 @@ def _story(ref: Llama) -> torch.Tensor:
 
 def test_default_device_and_dtype(tiny_ckpt):
     g = _build(tiny_ckpt)
-    weight = g.model.layers[0].attention.wqkv.weight  # GPU loads are fused
+    weight = g.model.layers[0].attention.wqkv.weight
     assert weight.device.type == "cuda"
     assert weight.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     assert g.model.layers[0].attention.cache_k.device.type == "cuda"
@@ -86,7 +86,7 @@ def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
     torch.testing.assert_close(torch.tensor(got[1][0][:4]), torch.tensor(expected[1][0][:4]), atol=tol, rtol=tol)
     if dtype == "float32":  # bf16 rounding may flip a near-tie on random weights; float32 must agree
         assert got[0] == expected[0]
-    # a second batch size compiles again; a second call at the same size reuses the graph
+    # another number of rows runs another bucket; the same number again reuses its graph
     again = compiled.generate(PROMPTS[:1], max_gen_len=24, temperature=0)[0]
     assert again[0] == compiled.generate(PROMPTS[:1], max_gen_len=24, temperature=0)[0][0]
 
