@@ -32,7 +32,9 @@ def check_mode(mode: Optional[str]) -> None:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T for int8 `weight` (out, in) and `scales` in x's dtype."""
-    if x.device.type == "cpu":  # a kernel that converts the int8 weight on the fly
+    # On CPU a kernel that converts the int8 weight on the fly; in torch 2.13 it crashes (SIGSEGV) on
+    # bf16 activations of several rows when the in-features are not a multiple of 16.
+    if x.device.type == "cpu" and (x.dtype != torch.bfloat16 or weight.shape[1] % 16 == 0):
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
         return out.view(*x.shape[:-1], weight.shape[0])  # (..., out)
     # Elsewhere a cast and a scale. It makes a float copy of the weight per call; on an H100 a
