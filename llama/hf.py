@@ -151,6 +151,7 @@ class HFCheckpoint:
 
     embedding_dim = 1  # written back to Meta's layout the Llama 1/2 way
     quantized = False
+    layout = None  # never quantized
 
     def __init__(self, folder: Path, world_size: int = 1):
         self.path = folder

@@ -57,10 +57,10 @@ def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
 
 
 def test_quantize_errors(tiny_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="int4"):
-        _build(tiny_ckpt, quantize="int4")
-    proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tmp_path / "q"), "--mode", "int4")
-    assert proc.returncode == 1 and "int4" in proc.stderr and not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="nf4"):
+        _build(tiny_ckpt, quantize="nf4")
+    proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tmp_path / "q"), "--mode", "nf4")
+    assert proc.returncode == 1 and "nf4" in proc.stderr and not (tmp_path / "q").exists()
     proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tiny_ckpt))
     assert proc.returncode == 1 and "already exists" in proc.stderr
 
