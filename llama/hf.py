@@ -90,6 +90,12 @@ def config_to_params(config: dict, path: Path) -> dict:
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not supported (this model implements plain "
                               "RoPE and Llama 3.1's 'llama3' scaling): use a checkpoint without other rope_scaling")
+    quantization = config.get("quantization_config")
+    if quantization:  # e.g. bitsandbytes NF4 (unsloth's *-bnb-4bit): packed weights and block scales
+        method = " ".join(str(quantization[k]) for k in ("quant_method", "bnb_4bit_quant_type") if quantization.get(k))
+        raise CheckpointError(f"{path}: the weights are quantized ({method or 'quantization_config'}), which this "
+                              "library does not read: use the float checkpoint (for bnb-4bit folders, the same model "
+                              "without -bnb-4bit) and quantize it here with quantize='int4' or 'int8'")
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: biases or an activation other than silu are not supported: use a plain "
                               "Llama checkpoint")
