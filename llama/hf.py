@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, atomic_folder, check_names, check_world,
                               extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
 from llama.errors import CheckpointError
-from llama.hf_tokenizer import export_tokenizer
+from llama.hf_tokenizer import check_export_chat_format, export_tokenizer
 from llama.model import ModelArgs
 
 INDEX = "model.safetensors.index.json"
@@ -242,10 +242,14 @@ def _token_ids(folder: Path) -> Tuple[Optional[int], Union[int, List[int], None]
 
 
 def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
-             max_file_bytes: int = 5 * 2**30) -> Path:
+             max_file_bytes: int = 5 * 2**30, chat_format: Optional[str] = None) -> Path:
     """Write any opened checkpoint (see loading.open_checkpoint) as a Hugging Face Llama folder,
-    atomically, in safetensors files of at most `max_file_bytes` (one file when it fits)."""
+    atomically, in safetensors files of at most `max_file_bytes` (one file when it fits). The
+    tokenizer_config.json's chat template is `chat_format`'s ('llama2', 'llama3', 'alpaca'), the
+    format the model was fine-tuned on; by default a Hugging Face source keeps its own and a Meta
+    one gets its tokenizer's default format."""
     args = ckpt.args
+    check_export_chat_format(ckpt.path, chat_format)
     with atomic_folder(out_dir) as tmp:
         groups: List[List[str]] = []
         group: Dict[str, torch.Tensor] = {}
@@ -273,5 +277,5 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
             (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype, *_token_ids(ckpt.path)), indent=2)
                                          + "\n")
-        export_tokenizer(ckpt.path, tmp)
+        export_tokenizer(ckpt.path, tmp, chat_format)
     return Path(out_dir)
