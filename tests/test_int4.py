@@ -14,7 +14,7 @@ from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_check
 from llama.errors import CheckpointError
 from llama.loading import open_checkpoint
 from llama.quantize import (CPUInt4Kernel, Int4Linear, Int8Linear, dequantize_int4, int4_kernel, pack_nibbles, plan,
-                            quantize_int4, unpack_nibbles, weight_bytes)
+                            quantize_int4, quantize_state_dict, unpack_nibbles, weight_bytes)
 from test_checkpoint import resident_bytes
 
 PROMPT = [1, 5, 9, 200, 31, 7, 64]
@@ -27,6 +27,14 @@ def _build(ckpt, **kwargs) -> Llama:
 
 def _logits(ckpt, **kwargs) -> torch.Tensor:
     return _build(ckpt, **kwargs).model(torch.tensor([PROMPT]), 0)
+
+
+def _quantize(src, dst, group_size=None):
+    """What scripts/quantize.py SRC DST --mode int4 [--group_size G] writes, in this process."""
+    ckpt = open_checkpoint(src)
+    layout = plan("int4", linear_inputs(ckpt.args, len(ckpt.files)), group_size)
+    return write_checkpoint(dst, ckpt.params, quantize_state_dict(dict(ckpt.rank_tensors(0, 1)), layout),
+                            num_shards=len(ckpt.files), tokenizer_path=src / "tokenizer.model")
 
 
 def test_nibbles_hold_the_even_input_feature_high():
@@ -141,10 +149,7 @@ def test_int4_checkpoints_reshard(tiny_ckpt, tiny_ckpt2, tmp_path):
     """Groups of 32 lie within each shard's half of wo and w2, so the model is the same on any split: a
     2-shard int4 checkpoint on 1 process, a 1-shard one on 2 processes, and quantizing at load on 2
     processes all give the 1-process int4 model."""
-    one, two = tmp_path / "int4x1", tmp_path / "int4x2"
-    for src, dst in ((tiny_ckpt, one), (tiny_ckpt2, two)):
-        proc = run_python("scripts/quantize.py", str(src), str(dst), "--mode", "int4", "--group_size", "32")
-        assert proc.returncode == 0, proc.stderr
+    one, two = _quantize(tiny_ckpt, tmp_path / "int4x1", 32), _quantize(tiny_ckpt2, tmp_path / "int4x2", 32)
     assert load_shard(two / "consolidated.01.pth")["layers.0.feed_forward.w2.group_scales"].shape == (64, 3)
     expected = _logits(tiny_ckpt, quantize="int4", group_size=32)
     merged = Llama.build(str(two), max_seq_len=256, max_batch_size=2, model_parallel_size=1)
@@ -206,8 +211,7 @@ def test_int4_bad_input(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="straddle ranks in layers.0.attention.wo: its 64 in-features are split "
                                          "over 2 shards or processes"):
         plan("int4", {"layers.0.attention.wo": (64, 2)}, 64)
-    int4 = tmp_path / "int4"
-    assert run_python("scripts/quantize.py", str(tiny_ckpt), str(int4), "--mode", "int4").returncode == 0
+    int4 = _quantize(tiny_ckpt, tmp_path / "int4")
     with pytest.raises(CheckpointError, match="int4 in groups of 64 of its 64 in-features, which 2 model-parallel "
                                               "processes would split inside a group"):
         open_checkpoint(int4, 2)
@@ -228,15 +232,6 @@ def test_int4_bad_input(tiny_ckpt, tmp_path):
                       "--group_size", "16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not (tmp_path / "q").exists()
     assert proc.stderr.strip().splitlines()[-1].startswith("error: group_size=16 is not supported")
-    proc = run_python("scripts/quantize.py", str(int4), str(tmp_path / "q"), "--mode", "int4")
-    assert proc.returncode == 1 and "already quantized" in proc.stderr
-
-
-def test_example_runs_int4(tiny_ckpt):
-    proc = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), "--quantize", "int4", "--prompts", "The cat",
-                      "--temperature", "0", "--max_gen_len", "8")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "int4: 9 layer(s) on the cpu kernel" in proc.stderr and proc.stdout.startswith("The cat")
 
 
 if __name__ == "__main__":  # the torchrun worker of test_int4_checkpoints_reshard
