@@ -31,7 +31,7 @@ def test_benchmark_times_several_quantize_modes_in_one_run(tmp_path):
     """--quantize none,int4: each mode loads in its own probe and decodes in alternating rounds, and every
     pair gets a ratio taken round by round."""
     proc = run_python("scripts/benchmark.py", "--shape", "tiny", "--quantize", "none,int4", "--batch", "1",
-                      "--prompt_len", "4", "--gen_len", "2", "--rounds", "2", "--json", "--cache_dir", str(tmp_path),
+                      "--prompt_len", "4", "--gen_len", "2", "--rounds", "1", "--json", "--cache_dir", str(tmp_path),
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)

@@ -1,6 +1,7 @@
 """Hugging Face tokenizer files: what transformers loads from an exported folder (AutoTokenizer, the
 chat template, pipeline, `transformers serve`) gives our ids and text, and a folder with only
 tokenizer.json loads here through `tokenizers` with the same ids."""
+import copy
 import json
 import shutil
 import subprocess
@@ -53,19 +54,28 @@ DIALOGS = [
 
 @pytest.fixture(scope="module")
 def exported(tiny_ckpt, tmp_path_factory):
-    """(name, chat format) -> (our tokenizer, transformers' AutoTokenizer of the exported files, the
-    folder); built once."""
+    """name -> (our tokenizer, transformers' AutoTokenizer of the exported files, the folder); built once."""
     cache = {}
 
-    def get(name, chat_format=None):
-        if (name, chat_format) not in cache:
+    def get(name):
+        if name not in cache:
             src = tiny_ckpt / "tokenizer.model" if name == "tiny" else asset(ASSETS[name])
             out = tmp_path_factory.mktemp(name)
-            write_tokenizer_files(src, out, chat_format)
-            cache[name, chat_format] = load_tokenizer(src), transformers.AutoTokenizer.from_pretrained(out), out
-        return cache[name, chat_format]
+            write_tokenizer_files(src, out)
+            cache[name] = load_tokenizer(src), transformers.AutoTokenizer.from_pretrained(out), out
+        return cache[name]
 
     return get
+
+
+def with_template(hf, chat_format):
+    """A copy of AutoTokenizer `hf` with chat format `chat_format`'s template (the export's choice is
+    tested in test_export_takes_the_chat_format_in_use)."""
+    from llama.chat_templates import CHAT_TEMPLATES
+
+    hf = copy.deepcopy(hf)
+    hf.chat_template = CHAT_TEMPLATES[chat_format]
+    return hf
 
 
 def hf_ids(hf, text, **kwargs):
@@ -174,7 +184,8 @@ def test_any_text_encodes_and_decodes_as_ours(exported, name, text):
 @pytest.mark.parametrize("name, chat_format", [("llama", None), ("tiny", None), ("llama3", None),
                                                ("llama", "alpaca"), ("tiny", "alpaca"), ("llama3", "alpaca")])
 def test_chat_template_gives_encode_dialog_ids(exported, name, chat_format):
-    ours, hf, _ = exported(name, chat_format)
+    ours, hf, _ = exported(name)
+    hf = hf if chat_format is None else with_template(hf, chat_format)
     for dialog in DIALOGS:
         assert hf.apply_chat_template(dialog, add_generation_prompt=True, return_dict=True)["input_ids"] == \
             encode_dialog(ours, dialog, chat_format), dialog
@@ -183,7 +194,7 @@ def test_chat_template_gives_encode_dialog_ids(exported, name, chat_format):
 def test_alpaca_chat_template_text(exported):
     """Stanford Alpaca's two templates, the system message as the Input, earlier exchanges as whole
     BOS..EOS examples; a dialog that ends with an answer closes its last example."""
-    _, hf, _ = exported("tiny", "alpaca")
+    hf = with_template(exported("tiny")[1], "alpaca")
     assert hf.apply_chat_template(DIALOGS[1], add_generation_prompt=True, tokenize=False) == (
         "<s>Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nWhat is 2+2?\n\n"
