@@ -46,7 +46,7 @@ MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 DEFAULT_GROUP_SIZE = 128
 _SCALES = ".scales"  # suffix of a weight's scales in a quantized state dict: "....wq.scales"
-INT4_LEAVES = ("group_scales", "group_zeros")  # an int4 weight's companions, as checkpoint and buffer names
+INT4_LEAVES = ("group_scales", "group_zeros")  # an int4 weight's companions: checkpoint names, Int4Linear views
 
 # Checkpoint linear name ("layers.0.attention.wq") -> its int4 group size, or None for int8.
 Layout = Dict[str, Optional[int]]
@@ -239,8 +239,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                     dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in `dtype` that the portable int4 tensors stand for: (q - 8) * scale + zero."""
     out_features, groups = scales.shape
-    q = unpack_nibbles(packed).view(out_features, groups, -1).to(dtype)
-    return torch.addcmul(zeros.to(dtype)[..., None], q - 8, scales.to(dtype)[..., None]).view(out_features, -1)
+    w = unpack_nibbles(packed).view(out_features, groups, -1).to(dtype)
+    return w.sub_(8).mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).view(out_features, -1)
 
 
 # int4: the kernels.
@@ -342,8 +342,8 @@ def _checked(kind: type, device: torch.device, dtype: torch.dtype) -> Tuple[Opti
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(80, 256, generator=gen)  # 80 rows: a padded block
     x = torch.randn(3, 256, generator=gen).to(device, dtype)
-    layer = Int4Linear(*(t.to(device) for t in quantize_int4(weight, 32)), group_size=32)
-    layer.group_scales, layer.group_zeros = layer.group_scales.to(dtype), layer.group_zeros.to(dtype)
+    packed, scales, zeros = (t.to(device) for t in quantize_int4(weight, 32))
+    layer = Int4Linear.from_portable(packed, scales.to(dtype), zeros.to(dtype), group_size=32)
     expected = layer(x).float()
     try:
         layer.pack_(kernel)
@@ -359,31 +359,42 @@ def _checked(kind: type, device: torch.device, dtype: torch.dtype) -> Tuple[Opti
 class Int4Linear(nn.Module):
     """A linear layer with an int4 weight, scales and zeros per group of `group_size` input features.
 
-    Built in the portable layout (buffers `weight` (out, in/2) uint8, `group_scales` and `group_zeros`
-    (out, in/group_size)), which a checkpoint fills row by row (a fused layer's parts are rows of it)
-    and which the plain path computes with: dequantize, then matmul. `pack_` lays it out for a
-    kernel: `weight` in the kernel's packing and `scales_and_zeros` (in/group_size, out, 2).
-    `combine` as Int8Linear's."""
+    Buffers: `weight`, at first in the portable layout (out, in/2) uint8, and `scales_and_zeros`
+    (in/group_size, out, 2), the kernels' layout, of which `group_scales` and `group_zeros` are
+    (out, in/group_size) views: a checkpoint fills all three row by row (a fused layer's parts are
+    rows), and the plain path computes with them: dequantize, then matmul. `pack_` lays the weight out
+    for a kernel, in place. `combine` as Int8Linear's."""
 
-    def __init__(self, weight: torch.Tensor, group_scales: torch.Tensor, group_zeros: torch.Tensor, group_size: int,
+    def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                  combine: Optional[str] = None):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.register_buffer("group_scales", group_scales)
-        self.register_buffer("group_zeros", group_zeros)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.out_features, self.in_features = weight.shape[0], 2 * weight.shape[1]
         self.group_size, self.combine = group_size, combine
         self.kernel: Optional[Int4Kernel] = None
 
+    @classmethod
+    def from_portable(cls, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      combine: Optional[str] = None) -> "Int4Linear":
+        """The layer of quantize_int4's tensors, its scales and zeros in their dtype."""
+        return cls(packed, torch.stack([scales.t(), zeros.t()], -1), group_size, combine)
+
+    @property
+    def group_scales(self) -> torch.Tensor:
+        return self.scales_and_zeros[:, : self.out_features, 0].t()
+
+    @property
+    def group_zeros(self) -> torch.Tensor:
+        return self.scales_and_zeros[:, : self.out_features, 1].t()
+
     def pack_(self, kernel: Int4Kernel) -> None:
-        """Lay the weight out for `kernel`; the scales and zeros take the dtype they have (the model's)."""
+        """Lay the weight out for `kernel` (after zero rows up to the kernel's multiple, if it needs them)."""
         rows = _round_up(self.out_features, kernel.row_multiple)
-        dtype = self.group_scales.dtype
-        scales_and_zeros = torch.stack([_pad_rows(self.group_scales, rows), _pad_rows(self.group_zeros, rows)], -1)
-        weight = kernel.pack(_pad_rows(self.weight, rows))
-        del self.group_scales, self.group_zeros
-        self.weight = weight
-        self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(dtype))
+        if rows != self.out_features:
+            pad = self.scales_and_zeros.new_zeros(self.scales_and_zeros.shape[0], rows - self.out_features, 2)
+            self.scales_and_zeros = torch.cat([self.scales_and_zeros, pad], dim=1)
+        self.weight = kernel.pack(_pad_rows(self.weight, rows))
         self.kernel = kernel
 
     def extra_repr(self) -> str:
@@ -438,7 +449,8 @@ def quantize_model_(model: nn.Module, layout: Optional[Layout] = None) -> nn.Mod
         if group_size is not None:
             q, scales, zeros = quantize_int4(layer.weight, group_size)
             dtype = layer.weight.dtype
-            setattr(parent, attr, Int4Linear(q, scales.to(dtype), zeros.to(dtype), group_size, _combine(layer)))
+            setattr(parent, attr, Int4Linear.from_portable(q, scales.to(dtype), zeros.to(dtype), group_size,
+                                                           _combine(layer)))
             continue
         scales = absmax_scales(layer.weight)
         if split and isinstance(layer, RowParallelLinear):  # each rank holds part of every row
@@ -459,8 +471,9 @@ def prepare_quantized_(model: nn.Module, layout: Layout) -> None:
             setattr(parent, attr, Int8Linear(q, torch.empty(out_features, device=w.device), _combine(layer)))
             continue
         q = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=w.device)
-        scales, zeros = (torch.empty(out_features, in_features // group_size, device=w.device) for _ in range(2))
-        setattr(parent, attr, Int4Linear(q, scales, zeros, group_size, _combine(layer)))
+        # Made as it is, not stacked: the first stack on the meta device imports ~800 torch modules (75 MB).
+        scales_and_zeros = torch.empty(in_features // group_size, out_features, 2, device=w.device)
+        setattr(parent, attr, Int4Linear(q, scales_and_zeros, group_size, _combine(layer)))
 
 
 def pack_int4_(model: nn.Module) -> Optional[str]:
@@ -470,7 +483,7 @@ def pack_int4_(model: nn.Module) -> Optional[str]:
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel is None]
     if not layers:
         return None
-    kernel, why = int4_kernel(layers[0].weight.device, layers[0].group_scales.dtype)
+    kernel, why = int4_kernel(layers[0].weight.device, layers[0].scales_and_zeros.dtype)
     if kernel is None:
         log.warning("int4: no kernel (%s): each int4 layer dequantizes its weight and runs a plain matmul, "
                     "slower than int8", why)

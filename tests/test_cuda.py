@@ -101,7 +101,7 @@ def test_int4_kernel_on_gpu_equals_the_plain_path(group_size):
         weight = torch.randn(100, in_features, generator=gen)
         x = torch.randn(5, in_features, generator=gen).cuda().bfloat16()
         packed, scales, zeros = (t.cuda() for t in quantize_int4(weight, group_size))
-        layer = Int4Linear(packed.clone(), scales.bfloat16(), zeros.bfloat16(), group_size)
+        layer = Int4Linear.from_portable(packed.clone(), scales.bfloat16(), zeros.bfloat16(), group_size)
         plain = layer(x).float()
         layer.pack_(CUDAInt4Kernel())
         got = layer(x)

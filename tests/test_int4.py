@@ -70,7 +70,7 @@ def test_cpu_kernel_equals_the_plain_path(group_size, dtype):
     for rows in (72, 200):
         weight, x = torch.randn(rows, 512, generator=gen), torch.randn(2, 3, 512, generator=gen).to(dtype)
         packed, scales, zeros = quantize_int4(weight, group_size)
-        layer = Int4Linear(packed.clone(), scales.to(dtype), zeros.to(dtype), group_size)
+        layer = Int4Linear.from_portable(packed.clone(), scales.to(dtype), zeros.to(dtype), group_size)
         plain = layer(x)
         layer.pack_(CPUInt4Kernel())
         padded = 80 if rows == 72 else 208
