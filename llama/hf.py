@@ -20,6 +20,7 @@ from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, ato
 from llama.errors import CheckpointError
 from llama.hf_tokenizer import check_export_chat_format, export_tokenizer
 from llama.model import ModelArgs
+from llama.quantize import describe
 
 INDEX = "model.safetensors.index.json"
 _DERIVED = ("rotary_emb.inv_freq",)  # a RoPE table older transformers saved; the model computes its own
@@ -249,6 +250,9 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
     format the model was fine-tuned on; by default a Hugging Face source keeps its own and a Meta
     one gets its tokenizer's default format."""
     args = ckpt.args
+    if ckpt.quantized:
+        raise CheckpointError(f"{ckpt.path} is quantized ({describe(ckpt.layout)}): a Hugging Face folder holds "
+                              "float weights; convert the float checkpoint")
     check_export_chat_format(ckpt.path, chat_format)
     with atomic_folder(out_dir) as tmp:
         groups: List[List[str]] = []

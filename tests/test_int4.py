@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from conftest import run_python, torchrun
 from llama import Llama, ModelArgs
-from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_checkpoint
+from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_checkpoint, write_meta
 from llama.errors import CheckpointError
+from llama.hf import write_hf
 from llama.loading import open_checkpoint
 from llama.quantize import (CPUInt4Kernel, Int4Linear, Int8Linear, dequantize_int4, int4_kernel, pack_nibbles, plan,
                             quantize_int4, quantize_state_dict, unpack_nibbles, weight_bytes)
@@ -154,6 +155,8 @@ def test_int4_checkpoints_reshard(tiny_ckpt, tiny_ckpt2, tmp_path):
     expected = _logits(tiny_ckpt, quantize="int4", group_size=32)
     merged = Llama.build(str(two), max_seq_len=256, max_batch_size=2, model_parallel_size=1)
     torch.testing.assert_close(merged.model(torch.tensor([PROMPT]), 0), expected, atol=1e-5, rtol=1e-5)
+    split = write_meta(open_checkpoint(one, 2), tmp_path / "resharded", 2)  # scripts/reshard.py --num_shards 2
+    torch.testing.assert_close(_logits(split), expected, atol=1e-5, rtol=1e-5)
     proc = torchrun(2, "tests/test_int4.py", str(one), str(tiny_ckpt2), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in range(2):
@@ -217,6 +220,9 @@ def test_int4_bad_input(tiny_ckpt, tmp_path):
         open_checkpoint(int4, 2)
     with pytest.raises(CheckpointError, match=r"already quantized \(int4 \(group size 64\)\)"):
         _build(int4, quantize="int4")
+    with pytest.raises(CheckpointError, match="is quantized .* a Hugging Face folder holds float weights"):
+        write_hf(open_checkpoint(int4), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
     shard = load_shard(int4 / "consolidated.00.pth")
     name = "layers.1.feed_forward.w2"
     cases = [(f"{name}.group_zeros", shard[f"{name}.group_zeros"][:, :2], r"group_zeros has shape \(64, 2\) but"),
