@@ -91,10 +91,10 @@ def plan(mode: str, inputs: Dict[str, Tuple[int, int]], group_size: Optional[int
             raise ValueError(f"int4 groups of {group_size} would straddle ranks in {name}: its {in_features} "
                              f"in-features are split over {parts} shards or processes ({in_features // parts} "
                              f"each): use a group size that divides {in_features // parts}, or fewer processes")
-    sizes = f"group size {group_size}" if group_size else f"group size up to {DEFAULT_GROUP_SIZE} ({GROUP_SIZES})"
+    auto = ", ".join(str(g) for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE)
+    why = f"group size {group_size} does not divide them" if group_size else f"none of {auto} divides them"
     for pattern, (in_features, count) in _fallbacks(layout, inputs).items():
-        log.info("int4: %s (%d layer(s), %d in-features) fall back to int8: no supported %s divides %d",
-                 pattern, count, in_features, sizes, in_features)
+        log.info("int4: %s (%d layer(s), %d in-features) fall back to int8: %s", pattern, count, in_features, why)
     return layout
 
 
@@ -256,11 +256,12 @@ def _round_up(n: int, multiple: int) -> int:
 class Int4Kernel:
     """One of torch's int4 matmuls: how to lay a portable weight out for it, and how to call it."""
 
-    name = "dequantize"
+    name = ""
     row_multiple = 1  # the kernel's out-features must be a multiple of this; weights are padded with zero rows
 
     def pack(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed
+        """The kernel's layout of portable (out, in/2) nibbles; it may reuse their memory."""
+        raise NotImplementedError
 
     def mm(self, x: torch.Tensor, weight: torch.Tensor, group_size: int,
            scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -340,7 +341,7 @@ def _checked(kind: type, device: torch.device, dtype: torch.dtype) -> Tuple[Opti
     garbage."""
     kernel = kind()
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(80, 256, generator=gen)  # 80 rows: a padded block
+    weight = torch.randn(100, 256, generator=gen)  # 100 rows: padded for either kernel
     x = torch.randn(3, 256, generator=gen).to(device, dtype)
     packed, scales, zeros = (t.to(device) for t in quantize_int4(weight, 32))
     layer = Int4Linear.from_portable(packed, scales.to(dtype), zeros.to(dtype), group_size=32)
@@ -418,11 +419,11 @@ def _combine(layer: nn.Module) -> Optional[str]:
     return "gather" if isinstance(layer, ColumnParallelLinear) and layer.gather_output else None
 
 
-def linears(model: nn.Module, kinds: tuple = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
-            ) -> Iterator[Tuple[nn.Module, str, nn.Module, List[str]]]:
-    """(parent, attribute, layer, checkpoint names) for every layer of `kinds` (default: float linears):
-    a fused wqkv / w13 stands for its parts' names ("layers.0.attention.wq", ...). Only the parents are
-    listed ahead, so a layer the caller replaces is freed then, not after the last one."""
+def linears(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module, List[str]]]:
+    """(parent, attribute, layer, checkpoint names) for every float linear layer of `model`: a fused
+    wqkv / w13 stands for its parts' names ("layers.0.attention.wq", ...). Only the parents are listed
+    ahead, so a layer the caller replaces is freed then, not after the last one."""
+    kinds = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
     found = [(path, parent, attr) for path, parent in model.named_modules()
              for attr, child in parent.named_children() if isinstance(child, kinds)]
     for path, parent, attr in found:
