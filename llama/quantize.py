@@ -274,17 +274,23 @@ class CPUInt4Kernel(Int4Kernel):
     name = "cpu"
     row_multiple = 16
     _BLOCK_ROWS = 64  # the packing lays out each block of 64 rows (32 without AVX-512) in those rows' bytes
-    _VALUES_AT_ONCE = 1 << 18
+    _VALUES_AT_ONCE = 1 << 19
+    # byte -> its (high, low) nibbles as int32, the packing's input
+    _NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 15], -1).to(torch.int32)
 
     def pack(self, packed: torch.Tensor) -> torch.Tensor:
-        # Some blocks at a time, in place: loading holds no second copy of the weight. The packing
-        # takes one int32 per value; larger temporaries than this left the allocator holding more.
+        # Some blocks at a time, in place: loading holds no second copy of the weight. The packing takes
+        # one int32 per value; the buffers for them are made once, as fresh ones per block left the
+        # allocator holding more, and a few large steps stay fast when other processes want the cores.
         step = max(1, self._VALUES_AT_ONCE // (2 * packed.shape[1] * self._BLOCK_ROWS)) * self._BLOCK_ROWS
+        index = torch.empty(min(step, packed.shape[0]) * packed.shape[1], dtype=torch.int32)
+        values = torch.empty(index.numel(), 2, dtype=torch.int32)
         for r in range(0, packed.shape[0], step):
             rows = packed[r : r + step]
-            values = rows.repeat_interleave(2, dim=1).to(torch.int32)
-            values[:, 0::2] >>= 4
-            rows.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.bitwise_and_(15), 1))
+            n = rows.numel()
+            index[:n].copy_(rows.reshape(-1))
+            torch.index_select(self._NIBBLES, 0, index[:n], out=values[:n])
+            rows.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:n].view(rows.shape[0], -1), 1))
         return packed
 
     def mm(self, x, weight, group_size, scales_and_zeros):
