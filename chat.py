@@ -2,7 +2,8 @@
 
     python chat.py --ckpt_dir D [--tokenizer_path T] [--system "You answer briefly."] \
         [--temperature 0.6] [--top_p 0.9] [--top_k 0] [--max_seq_len 512] [--max_gen_len 256] \
-        [--seed 1] [--device cpu] [--dtype bf16] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}]
+        [--seed 1] [--device cpu] [--dtype bf16] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] \
+        [--quantize {int8,int4} [--group_size G]]
     torchrun --nproc_per_node N chat.py --ckpt_dir D ...
 
 The chat format follows the tokenizer (Llama 2 `[INST]` or Llama 3 headers) unless --chat_format
@@ -67,6 +68,8 @@ def main(
     dtype: Optional[str] = None,
     lora: Optional[str] = None,
     chat_format: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     if not isinstance(max_gen_len, int) or not 0 < max_gen_len < max_seq_len:
         raise ValueError(f"max_gen_len={max_gen_len!r} must be a positive integer below max_seq_len={max_seq_len}")
@@ -81,6 +84,8 @@ def main(
         dtype=dtype,
         lora=None if lora is None else str(lora),
         chat_format=chat_format,
+        quantize=quantize,
+        group_size=group_size,
     )
     system = None if system is None else str(system)
     history: Dialog = []

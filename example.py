@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N example.py --ckpt_dir D [--tokenizer_path T] --seed 1 \
         --prompts "first prompt" "second prompt" --temperature 0.6 --top_p 0.9 [--top_k 40] \
         --max_seq_len 128 --max_gen_len 64 --max_batch_size 4 [--device cpu] [--dtype bf16] \
-        [--stop "." | --stop '["\n", "THE END"]'] [--stream] [--compile] [--quantize int8] [--lora ADAPTER]
+        [--stop "." | --stop '["\n", "THE END"]'] [--stream] [--compile] [--quantize {int8,int4} [--group_size G]] \
+        [--lora ADAPTER]
 
 Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1.
 """
@@ -50,6 +51,7 @@ def main(
     compile: bool = False,
     quantize: Optional[str] = None,
     lora: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     prompts = [str(p) for p in (prompts if prompts is not None else DEFAULT_PROMPTS)]
     with tempfile.TemporaryDirectory(prefix="llama-demo-") as scratch:
@@ -72,6 +74,7 @@ def main(
             compile=compile,
             quantize=quantize,
             lora=None if lora is None else str(lora),
+            group_size=group_size,
         )
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
     if stream:  # one prompt at a time, so each prints as it is written

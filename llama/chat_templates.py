@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+from llama.chat_format import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+
 # Llama 2: a system message folds into the first user turn; a finished exchange is
 # <s>[INST] user [/INST] answer </s>; the prompt ends with the last user turn's [/INST].
 _LLAMA2 = (
@@ -42,7 +44,42 @@ _LLAMA3 = (
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
+
+
+def _literal(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# Alpaca: a system message is the input of every instruction (the template with an input; an empty
+# one takes the template without); a user message opens BOS + prompt, an answer closes it with EOS,
+# so a finished exchange is one whole example. Built from chat_format's templates, so the two
+# cannot drift apart.
+_PLAIN_HEAD, _PLAIN_TAIL = ALPACA_PROMPT.split("{instruction}")
+_INPUT_HEAD, _rest = ALPACA_PROMPT_INPUT.split("{instruction}")
+_INPUT_MID, _INPUT_TAIL = _rest.split("{input}")
+_ALPACA = (
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim if has_system else '' -%}"
+    "{%- set turns = messages[1:] if has_system else messages -%}"
+    "{%- if not turns -%}{{- raise_exception('a system message must be followed by a user message') -}}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) or message['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('after an optional system message, roles must alternate user/assistant/...') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- message['content'] | trim + eos_token -}}"
+    "{%- elif system -%}"
+    f"{{{{- bos_token + {_literal(_INPUT_HEAD)} + message['content'] | trim + {_literal(_INPUT_MID)} + system"
+    f" + {_literal(_INPUT_TAIL)} -}}}}"
+    "{%- else -%}"
+    f"{{{{- bos_token + {_literal(_PLAIN_HEAD)} + message['content'] | trim + {_literal(_PLAIN_TAIL)} -}}}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 CHAT_TEMPLATES: Dict[str, str] = {
     "llama2": _LLAMA2,
     "llama3": _LLAMA3,
+    "alpaca": _ALPACA,
 }

@@ -29,6 +29,7 @@ import torch
 
 from llama.errors import CheckpointError
 from llama.model import ModelArgs
+from llama.quantize import INT4_LEAVES, Layout, quantized_shapes, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,13 @@ Region = List[Tuple[int, int]]  # per dimension, the [start, stop) a piece cover
 
 _COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
 _ROW = ("wo.weight", "w2.weight", "tok_embeddings.weight")
-# int8 checkpoints (llama.quantize) add one scale per output row of each linear weight: split with
-# the rows of a column-parallel weight, whole on every shard for a row-parallel one.
-_COLUMN_SCALES = tuple(n.replace(".weight", ".scales") for n in _COLUMN)
+# Quantized checkpoints (llama.quantize) add, for each linear weight, int8 scales (one per output
+# row: split with the rows of a column-parallel weight, whole on every shard for a row-parallel
+# one) or int4 group scales and zeros (out, in / group size), split like the weight itself.
+_GROUPS = tuple(f".{leaf}" for leaf in INT4_LEAVES)
+_COLUMN_SCALES = tuple(n.replace(".weight", s) for n in _COLUMN for s in (".scales", *_GROUPS))
+_ROW_GROUPS = tuple(n.replace(".weight", s) for n in _ROW[:2] for s in _GROUPS)
+_QUANT_AUX = (".scales", *_GROUPS)  # float tensors of a quantized checkpoint that keep their own dtype
 _DERIVED = ("rope.freqs",)  # a RoPE table some Llama 1 checkpoints carry; the model computes its own
 
 
@@ -47,14 +52,29 @@ def shard_dim(name: str) -> Optional[int]:
     """The dimension along which the model (and Llama 1/2 checkpoints) split tensor `name`; None if replicated."""
     if name.endswith(_COLUMN + _COLUMN_SCALES):
         return 0
-    if name.endswith(_ROW):
+    if name.endswith(_ROW + _ROW_GROUPS):
         return 1
     return None
 
 
-def full_shapes(args: ModelArgs, quantized: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of the whole model, in checkpoint order, with its unsplit (out, in) shape; with
-    `quantized`, also each linear weight's per-row scales (`NAME.scales`, shape (out,))."""
+def linear_names(args: ModelArgs) -> List[str]:
+    """The checkpoint names of the linears that quantizing replaces ("layers.0.attention.wq", ...)."""
+    return [n[: -len(".weight")] for n, shape in full_shapes(args).items()
+            if len(shape) == 2 and n != "tok_embeddings.weight"]
+
+
+def linear_inputs(args: ModelArgs, world_size: int) -> Dict[str, Tuple[int, int]]:
+    """For llama.quantize.plan: each linear's in-features and the number of parts they are split into."""
+    shapes = full_shapes(args)
+    return {n: (shapes[n + ".weight"][1], world_size if shard_dim(n + ".weight") == 1 else 1)
+            for n in linear_names(args)}
+
+
+def full_shapes(args: ModelArgs, quantized: Union[bool, Layout, None] = False) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the whole model, in checkpoint order, with its unsplit (out, in) shape. With
+    `quantized` (True: int8 everywhere; or a llama.quantize layout), each linear weight has its
+    quantized shape, and its scales (int8 `NAME.scales`; int4 `NAME.group_scales` and
+    `NAME.group_zeros`) follow all the other tensors."""
     kv_dim = args.n_kv_heads * args.head_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
     for i in range(args.n_layers):
@@ -69,8 +89,15 @@ def full_shapes(args: ModelArgs, quantized: bool = False) -> Dict[str, Tuple[int
         })
     shapes.update({"norm.weight": (args.dim,), "output.weight": (args.vocab_size, args.dim)})
     if quantized:
-        linears = [n for n, shape in shapes.items() if len(shape) == 2 and n != "tok_embeddings.weight"]
-        shapes.update({n[: -len(".weight")] + ".scales": shapes[n][:1] for n in linears})
+        layout = dict.fromkeys(linear_names(args)) if quantized is True else quantized
+        extra = {}
+        for name in layout:
+            for key, shape in quantized_shapes(name, *shapes[name + ".weight"], layout[name]).items():
+                if key in shapes:
+                    shapes[key] = shape
+                else:
+                    extra[key] = shape
+        shapes.update(extra)
     return shapes
 
 
@@ -156,15 +183,23 @@ def check_names(found: Iterable[str], expected: Iterable[str], path: Path, fix: 
                               f"unexpected: {unexpected[:5]}): {fix}")
 
 
-def check_world(args: ModelArgs, world_size: int, source: Path) -> None:
-    """Refuse a model-parallel size that would cut a tensor unevenly or split a key/value head."""
+def check_world(args: ModelArgs, world_size: int, source: Path, layout: Optional[Layout] = None) -> None:
+    """Refuse a model-parallel size that would cut a tensor unevenly, split a key/value head or (int4
+    `layout`) make a group of input features straddle two ranks."""
     if args.n_kv_heads % world_size or args.n_heads % world_size:
         # Replicating k/v heads across ranks would work too, but costs memory and code; refuse instead.
         raise CheckpointError(f"{source}: n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} cannot be "
                               f"split over {world_size} model-parallel processes (heads are never split inside "
                               f"a head): run with a number of processes that divides {args.n_kv_heads}")
-    for name, shape in full_shapes(args).items():
+    for name, shape in full_shapes(args, layout).items():
         dim = shard_dim(name)
+        if dim == 1 and name.endswith(_GROUPS) and shape[1] % world_size:
+            prefix = name.rpartition(".")[0]
+            in_features = full_shapes(args)[prefix + ".weight"][1]
+            raise CheckpointError(
+                f"{source}: {prefix} is int4 in groups of {in_features // shape[1]} of its {in_features} "
+                f"in-features, which {world_size} model-parallel processes would split inside a group: run with "
+                f"a number of processes that divides {shape[1]}, or quantize again with a smaller --group_size")
         if dim is not None and shape[dim] % world_size:
             raise CheckpointError(f"{source}: {name} of shape {shape} cannot be split evenly over {world_size} "
                                   f"model-parallel processes along dim {dim}: run with fewer processes")
@@ -295,13 +330,17 @@ class MetaCheckpoint:
                                   f"--num_shards {world_size}")
         # Memory-mapped: this reads each shard's metadata, not its weights.
         self.shards = [self._load(path) for path in self.files]
-        self.quantized = any(k.endswith(".scales") for k in self.shards[0])
         self.embedding_dim, vocab_size = self._embedding_split()
         params = dict(self.params)
         if isinstance(params.get("vocab_size", -1), int) and params.get("vocab_size", -1) <= 0:
             params["vocab_size"] = vocab_size  # Llama 1's params.json says -1
         self.args = model_args(params, folder / "params.json")
-        check_world(self.args, world_size, folder)
+        try:  # a quantized checkpoint (scripts/quantize.py): each linear's layout, read from shard 00
+            self.layout: Optional[Layout] = read_layout(self.shards[0], linear_names(self.args))
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.files[0]}: {e}") from None
+        self.quantized = self.layout is not None
+        check_world(self.args, world_size, folder, self.layout)
         self._check_shapes()
 
     @staticmethod
@@ -322,10 +361,11 @@ class MetaCheckpoint:
 
     @property
     def names(self) -> List[str]:
-        return list(full_shapes(self.args, self.quantized))
+        return list(full_shapes(self.args, self.layout))
 
     def _check_shapes(self) -> None:
-        shapes = full_shapes(self.args, self.quantized)
+        shapes = full_shapes(self.args, self.layout)
+        quantized = [n + ".weight" for n in self.layout or ()]
         n = len(self.shards)
         for i, (path, sd) in enumerate(zip(self.files, self.shards)):
             check_names(sd, shapes, path, "the checkpoint is not a LLaMA checkpoint of this params.json")
@@ -337,6 +377,11 @@ class MetaCheckpoint:
                         f"{path}: {name} has shape {tuple(sd[name].shape)} but params.json and {n} shard(s) "
                         f"imply {expected}: the shard disagrees with params.json or with the other shards; "
                         "download or convert the checkpoint again")
+            for name in quantized:  # shard 00's dtypes were checked with the layout
+                if sd[name].dtype != self.shards[0][name].dtype:
+                    raise CheckpointError(f"{path}: {name} is {sd[name].dtype} but {self.files[0].name} holds it as "
+                                          f"{self.shards[0][name].dtype}: the shards come from different "
+                                          "quantizations; quantize the float checkpoint again")
 
     def rank_tensors(self, rank: int, world_size: int, dtype: Optional[torch.dtype] = None,
                      device: Union[str, torch.device] = "cpu", embedding_dim: int = 1, log_progress: bool = True,
@@ -347,7 +392,7 @@ class MetaCheckpoint:
         `into`, each slice is copied into `into(name)` (a model's tensor, in its dtype) and yielded as it.
         """
         n = len(self.shards)
-        shapes = full_shapes(self.args, self.quantized)
+        shapes = full_shapes(self.args, self.layout)
 
         def dims(name: str) -> Tuple[Optional[int], Optional[int]]:  # (split in the files, split wanted)
             if name == "tok_embeddings.weight":
@@ -369,7 +414,7 @@ class MetaCheckpoint:
             # Replicated tensors are the same in every shard: read one copy.
             sources = needed if dims(name)[0] is not None else needed[:1]
             parts = [(held(name, i), self.shards[i][name]) for i in sources]
-            float_weight = parts[0][1].is_floating_point() and not name.endswith(".scales")
+            float_weight = parts[0][1].is_floating_point() and not name.endswith(_QUANT_AUX)
             out = assemble(wanted(name), parts, dtype if float_weight else None, device, release=release_pages,
                            out=None if into is None else into(name))
             progress.add(out)

@@ -62,6 +62,7 @@ class Llama:
         prefill_chunk: int = 256,
         lora: Optional[str] = None,
         chat_format: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -76,7 +77,9 @@ class Llama:
         at once, and more wait. A step prefills at most `prefill_chunk` prompt tokens. `lora` is a PEFT
         LoRA adapter folder merged into the weights as they load (llama.lora). `chat_format` ('llama2',
         'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
-        stream_chat and encode_dialog.
+        stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
+        `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
+        in-features; layers none divides stay int8; see llama.quantize).
         """
         check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
@@ -87,10 +90,10 @@ class Llama:
         check_positive_int("model_parallel_size", mp_size)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        check_mode(quantize)
+        check_mode(quantize, group_size)
         check_chat_format_name(chat_format)
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
-                                      compile=compile, quantize=quantize, lora=lora)
+                                      compile=compile, quantize=quantize, lora=lora, group_size=group_size)
         return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format)
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 256,

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, atomic_folder, check_names, check_world,
                               extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
 from llama.errors import CheckpointError
-from llama.hf_tokenizer import export_tokenizer
+from llama.hf_tokenizer import check_export_chat_format, export_tokenizer
 from llama.model import ModelArgs
+from llama.quantize import describe
 
 INDEX = "model.safetensors.index.json"
 _DERIVED = ("rotary_emb.inv_freq",)  # a RoPE table older transformers saved; the model computes its own
@@ -90,6 +91,12 @@ def config_to_params(config: dict, path: Path) -> dict:
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} is not supported (this model implements plain "
                               "RoPE and Llama 3.1's 'llama3' scaling): use a checkpoint without other rope_scaling")
+    quantization = config.get("quantization_config")
+    if quantization:  # e.g. bitsandbytes NF4 (unsloth's *-bnb-4bit): packed weights and block scales
+        method = " ".join(str(quantization[k]) for k in ("quant_method", "bnb_4bit_quant_type") if quantization.get(k))
+        raise CheckpointError(f"{path}: the weights are quantized ({method or 'quantization_config'}), which this "
+                              "library does not read: use the float checkpoint (for bnb-4bit folders, the same model "
+                              "without -bnb-4bit) and quantize it here with quantize='int4' or 'int8'")
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: biases or an activation other than silu are not supported: use a plain "
                               "Llama checkpoint")
@@ -151,6 +158,7 @@ class HFCheckpoint:
 
     embedding_dim = 1  # written back to Meta's layout the Llama 1/2 way
     quantized = False
+    layout = None  # never quantized
 
     def __init__(self, folder: Path, world_size: int = 1):
         self.path = folder
@@ -235,10 +243,17 @@ def _token_ids(folder: Path) -> Tuple[Optional[int], Union[int, List[int], None]
 
 
 def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLike,
-             max_file_bytes: int = 5 * 2**30) -> Path:
+             max_file_bytes: int = 5 * 2**30, chat_format: Optional[str] = None) -> Path:
     """Write any opened checkpoint (see loading.open_checkpoint) as a Hugging Face Llama folder,
-    atomically, in safetensors files of at most `max_file_bytes` (one file when it fits)."""
+    atomically, in safetensors files of at most `max_file_bytes` (one file when it fits). The
+    tokenizer_config.json's chat template is `chat_format`'s ('llama2', 'llama3', 'alpaca'), the
+    format the model was fine-tuned on; by default a Hugging Face source keeps its own and a Meta
+    one gets its tokenizer's default format."""
     args = ckpt.args
+    if ckpt.quantized:
+        raise CheckpointError(f"{ckpt.path} is quantized ({describe(ckpt.layout)}): a Hugging Face folder holds "
+                              "float weights; convert the float checkpoint")
+    check_export_chat_format(ckpt.path, chat_format)
     with atomic_folder(out_dir) as tmp:
         groups: List[List[str]] = []
         group: Dict[str, torch.Tensor] = {}
@@ -266,5 +281,5 @@ def write_hf(ckpt: Union[MetaCheckpoint, HFCheckpoint], out_dir: str | os.PathLi
             (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(params_to_config(args, dtype, *_token_ids(ckpt.path)), indent=2)
                                          + "\n")
-        export_tokenizer(ckpt.path, tmp)
+        export_tokenizer(ckpt.path, tmp, chat_format)
     return Path(out_dir)

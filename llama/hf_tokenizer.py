@@ -2,7 +2,8 @@
 
 `tokenizer.json` is built with the `tokenizers` library: from the SentencePiece model proto (LLaMA 1
 and 2) or from the tiktoken ranks and special tokens (Llama 3). Beside it go `tokenizer_config.json`
-(class, BOS/EOS, the chat template of the tokenizer's chat format), `special_tokens_map.json` and
+(class, BOS/EOS, the chat template of the chat format: the tokenizer's, or the one the export names),
+`special_tokens_map.json` and
 `generation_config.json` (the ids generation starts, stops and pads with).
 
 How the SentencePiece pipeline is rebuilt:
@@ -39,8 +40,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 from llama.sp_model import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, SentencePieceModel, read_sentencepiece_model
-from llama.tokenizer import (LLAMA3_PATTERN, AnyTokenizer, Llama3Tokenizer, import_tokenizers, load_tokenizer,
-                             llama3_special_tokens, read_tiktoken_ranks)
+from llama.tokenizer import (LLAMA3_PATTERN, AnyTokenizer, Llama3Tokenizer, find_tokenizer, import_tokenizers,
+                             load_tokenizer, llama3_special_tokens, read_tiktoken_ranks)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,13 @@ def tokenizer_config(tok: AnyTokenizer, chat_format: Optional[str] = None) -> di
     return config
 
 
+def _set_chat_template(path: Path, chat_format: str) -> None:
+    from llama.chat_templates import CHAT_TEMPLATES
+
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    _dump(path, {**config, "chat_template": CHAT_TEMPLATES[chat_format]})
+
+
 def special_tokens_map(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
 
@@ -265,10 +273,27 @@ def write_tokenizer_files(tokenizer_path: Union[str, os.PathLike], out_dir: Unio
     return [*TOKENIZER_FILES, GENERATION_CONFIG]
 
 
-def export_tokenizer(src: Path, dst: Path) -> None:
+def check_export_chat_format(src: Path, chat_format: Optional[str]) -> None:
+    """Refuse, before anything is written, a `chat_format` for exporting folder `src` that is unknown,
+    that its tokenizer cannot speak, or that there is no tokenizer to carry."""
+    if chat_format is None:
+        return
+    from llama.chat_format import check_chat_format, check_chat_format_name
+
+    check_chat_format_name(chat_format)
+    path = Path(find_tokenizer(src))
+    if not path.is_file():
+        raise ValueError(f"--chat_format {chat_format}: {src} has no tokenizer.model or tokenizer.json to carry "
+                         "the chat template; copy the tokenizer into it first")
+    check_chat_format(chat_format, load_tokenizer(path))
+
+
+def export_tokenizer(src: Path, dst: Path, chat_format: Optional[str] = None) -> None:
     """Give Hugging Face folder `dst` the tokenizer of checkpoint folder `src`: its tokenizer.model, and
     the Hugging Face files: copied when `src` has a tokenizer.json (a Hugging Face folder's own are
-    kept as they are), else built from tokenizer.model."""
+    kept as they are), else built from tokenizer.model. The chat template is `chat_format`'s when
+    given (see check_export_chat_format); else a copied one is kept, and a built one is the
+    tokenizer's default format's."""
     model = src / "tokenizer.model"
     if model.is_file():
         shutil.copyfile(model, dst / "tokenizer.model")
@@ -278,13 +303,15 @@ def export_tokenizer(src: Path, dst: Path) -> None:
                 shutil.copyfile(src / name, dst / name)
         if not (src / GENERATION_CONFIG).is_file():
             _dump(dst / GENERATION_CONFIG, generation_config(load_tokenizer(src / "tokenizer.json")))
+        if chat_format is not None:
+            _set_chat_template(dst / "tokenizer_config.json", chat_format)
         return
     if not model.is_file():
         log.warning("%s has no tokenizer.model or tokenizer.json: copy the tokenizer into %s before using it",
                     src, dst)
         return
     try:
-        write_tokenizer_files(model, dst)
+        write_tokenizer_files(model, dst, chat_format)
     except (ImportError, ValueError) as e:
         log.warning("%s: only tokenizer.model written, no Hugging Face tokenizer files (AutoTokenizer will not "
                     "load it): %s", dst, e)

@@ -11,14 +11,14 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from llama.checkpoint import MetaCheckpoint
+from llama.checkpoint import MetaCheckpoint, linear_inputs
 from llama.distributed import available_memory, on_every_rank, setup_model_parallel
 from llama.errors import CheckpointError, NonFiniteError, check_positive_int
 from llama.hf import HFCheckpoint, is_hf_folder
 from llama.lora import open_adapter
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
-from llama.quantize import prepare_int8_, quantize_model_
+from llama.quantize import describe, pack_int4_, plan, prepare_quantized_, quantize_model_
 from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,17 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[M
 
 def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int, mp_size: int,
                device: torch.device, dtype: torch.dtype, compile: bool = False,
-               quantize: Optional[str] = None, lora: Optional[str] = None) -> Tuple[Transformer, AnyTokenizer]:
+               quantize: Optional[str] = None, lora: Optional[str] = None,
+               group_size: Optional[int] = None) -> Tuple[Transformer, AnyTokenizer]:
     """This rank's model, loaded and ready to decode, and the tokenizer.
 
     Files, which hosts may see differently, are checked first, and every rank agrees on the outcome
     before loading, so a bad input fails on every rank alike. The model is built without memory for
     its weights; each checkpoint tensor is then copied straight into its place (a fused wqkv / w13
     takes its parts as rows), so loading holds one copy of the weights. `lora`, a PEFT adapter
-    folder, is merged into each tensor as it is read (llama.lora), before any quantizing.
+    folder, is merged into each tensor as it is read (llama.lora), before any quantizing. `quantize`
+    ("int8", "int4" with `group_size`) quantizes the loaded weights; a checkpoint from
+    scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel.
     """
     tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
@@ -66,13 +69,17 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
                 f"{args.vocab_size}: use the tokenizer.model that came with the checkpoint")
         adapter = None if lora is None else open_adapter(lora, ckpt)  # LoRA: validated before any weight is read
-        return ckpt, tokenizer, args, adapter
+        if quantize is not None and ckpt.quantized:
+            raise CheckpointError(f"{ckpt_dir} is already quantized ({describe(ckpt.layout)}): load it without "
+                                  f"quantize, or pass the float checkpoint to quantize it as {quantize}")
+        layout = None if quantize is None else plan(quantize, linear_inputs(args, mp_size), group_size)
+        return ckpt, tokenizer, args, adapter, layout
 
-    ckpt, tokenizer, args, adapter = on_every_rank(open_files)
+    ckpt, tokenizer, args, adapter, layout = on_every_rank(open_files)
     with torch.device("meta"):
         model = Transformer(args)
         if ckpt.quantized:
-            prepare_int8_(model)  # the layout of a checkpoint from scripts/quantize.py
+            prepare_quantized_(model, ckpt.layout)  # the layout of a checkpoint from scripts/quantize.py
     materialize_(model, device, dtype)
 
     def load() -> None:  # what one rank can fail at alone: its own files, its own memory
@@ -86,11 +93,13 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     on_every_rank(load)
     model.eval()
     if quantize is not None:
-        quantize_model_(model)
+        quantize_model_(model, layout)
+    pack_int4_(model)
     model.setup_cache(max_batch_size, max_seq_len, device, dtype)
     if compile:
         model.compile_()
-    log.info("loaded %s (%d file(s), %s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype, device,
+    log.info("loaded %s (%d file(s), %s%s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype,
+             "" if not (layout or ckpt.layout) else f", {describe(layout or ckpt.layout)} weights", device,
              time.perf_counter() - start)
     return model, tokenizer
 

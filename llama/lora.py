@@ -34,6 +34,7 @@ from llama.checkpoint import (MetaCheckpoint, Region, assemble, full_shapes, loa
 from llama.errors import CheckpointError
 from llama.hf import HFCheckpoint, _open, hf_name, hf_permute, rope_heads
 from llama.model import ModelArgs
+from llama.quantize import describe
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +391,9 @@ class MergedCheckpoint:
 def open_adapter(path: str | os.PathLike, ckpt: Union[MetaCheckpoint, HFCheckpoint]) -> LoraAdapter:
     """The adapter at `path`, validated for the opened base checkpoint `ckpt`."""
     if ckpt.quantized:
-        raise CheckpointError(f"{ckpt.path} is an int8 checkpoint: a LoRA adapter merges into float weights; "
-                              "load the float checkpoint with the adapter and quantize=\"int8\" instead")
+        mode = describe(ckpt.layout).split()[0]
+        raise CheckpointError(f"{ckpt.path} is an {mode} checkpoint: a LoRA adapter merges into float weights; "
+                              f"load the float checkpoint with the adapter and quantize=\"{mode}\" instead")
     return LoraAdapter(path, ckpt.args)
 
 

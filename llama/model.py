@@ -372,7 +372,8 @@ class Transformer(nn.Module):
 
     def checkpoint_target(self, name: str) -> torch.Tensor:
         """The part of this model's tensors that this rank's slice of checkpoint tensor `name` fills:
-        the tensor itself, or its rows of a fused wqkv / w13 (weight or int8 scales)."""
+        the tensor itself, or its rows of a fused wqkv / w13 (weight, int8 scales or int4 group scales
+        and zeros: llama.quantize)."""
         module_path, _, leaf = name.rpartition(".")  # "layers.0.attention.wk", "weight"
         block_path, _, part = module_path.rpartition(".")  # "layers.0.attention", "wk"
         block = self.get_submodule(block_path) if block_path else self

@@ -1,17 +1,34 @@
-"""Weight-only int8 quantization in plain PyTorch.
+"""Weight-only quantization in plain PyTorch: int8 per output channel, int4 per group of inputs.
 
-Each linear weight (out, in) becomes int8 values plus one scale per output channel:
-w ≈ q * scale[:, None], scale = max|w[row]| / 127. Activations stay in the model's dtype.
-The token embedding stays as it is (a decode step reads one of its rows, not all of it).
+int8: each linear weight (out, in) becomes int8 values plus one scale per output channel:
+w ≈ q * scale[:, None], scale = max|w[row]| / 127.
+
+int4: each run of `group_size` input features of a row (a group) gets its own scale and zero,
+asymmetric, with q in 0..15: w ≈ (q - 8) * scale + zero, scale = (max - min) / 15, zero =
+min + 8 * scale (the form torch's int4 kernels take). A layer whose in-features no supported group
+size divides stays int8.
+
+Activations stay in the model's dtype. The token embedding stays as it is (a decode step reads
+one of its rows, not all of it).
 
 Under model parallelism a row-parallel weight (wo, w2) is split along its input dim, so a
-rank holds part of every row: the scale is the maximum over all ranks' parts, which makes
-the quantized model the same whatever the number of shards. A column-parallel weight's
-rows (and so its scales) are split like the weight itself.
+rank holds part of every row. int8: the scale is the maximum over all ranks' parts, which makes
+the quantized model the same whatever the number of shards. int4: groups never straddle ranks,
+so each rank quantizes its own whole groups. A column-parallel weight's rows (and so its scales
+and zeros) are split like the weight itself.
+
+Checkpoints from scripts/quantize.py hold a portable layout, which reshards like any checkpoint:
+int8 `NAME.weight` (out, in) int8 and `NAME.scales` (out,) float32; int4 `NAME.weight` (out, in/2)
+uint8, two values a byte, the even input feature in the high nibble, and `NAME.group_scales`,
+`NAME.group_zeros` (out, in/group_size) float32. This module alone turns it into what the
+device's kernel takes (`pack_int4_`).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+import functools
+import logging
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,23 +38,142 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-MODES = ("int8",)
+from llama.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
+DEFAULT_GROUP_SIZE = 128
 _SCALES = ".scales"  # suffix of a weight's scales in a quantized state dict: "....wq.scales"
+INT4_LEAVES = ("group_scales", "group_zeros")  # an int4 weight's companions: checkpoint names, Int4Linear views
+
+# Checkpoint linear name ("layers.0.attention.wq") -> its int4 group size, or None for int8.
+Layout = Dict[str, Optional[int]]
 
 
-def check_mode(mode: Optional[str]) -> None:
+def check_mode(mode: Optional[str], group_size: Optional[int] = None) -> None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize={mode!r} is not supported: use one of {MODES} or None")
+    if group_size is None:
+        return
+    if mode != "int4":
+        raise ValueError(f"group_size={group_size!r} applies to quantize='int4' only (quantize={mode!r})")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported by the int4 kernels: use one of "
+                         f"{GROUP_SIZES}, or leave it unset for {DEFAULT_GROUP_SIZE} (or the largest that "
+                         "divides a layer's in-features)")
 
+
+def int4_group_size(in_features: int, group_size: Optional[int] = None) -> Optional[int]:
+    """The group size an int4 layer with `in_features` (this rank's) gets, or None if it must stay int8:
+    `group_size` if it divides them; unset, the largest supported size up to DEFAULT_GROUP_SIZE that does."""
+    if group_size is not None:
+        return group_size if in_features % group_size == 0 else None
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= DEFAULT_GROUP_SIZE and in_features % g == 0),
+                None)
+
+
+def plan(mode: str, inputs: Dict[str, Tuple[int, int]], group_size: Optional[int] = None) -> Layout:
+    """The layout quantizing in `mode` gives each linear; `inputs` maps each checkpoint linear name to
+    (in-features, the number of ranks or shards they are split over: 1 unless row-parallel).
+
+    A layer that no group size fits stays int8, and the log says which. An explicit `group_size` that
+    divides a row-parallel layer's in-features but not each rank's part would straddle ranks: refused.
+    """
+    check_mode(mode, group_size)
+    if mode == "int8":
+        return {name: None for name in inputs}
+    layout: Layout = {}
+    for name, (in_features, parts) in inputs.items():
+        layout[name] = int4_group_size(in_features // parts, group_size)
+        if layout[name] is None and group_size is not None and in_features % group_size == 0:
+            raise ValueError(f"int4 groups of {group_size} would straddle ranks in {name}: its {in_features} "
+                             f"in-features are split over {parts} shards or processes ({in_features // parts} "
+                             f"each): use a group size that divides {in_features // parts}, or fewer processes")
+    auto = ", ".join(str(g) for g in GROUP_SIZES if g <= DEFAULT_GROUP_SIZE)
+    why = f"group size {group_size} does not divide them" if group_size else f"none of {auto} divides them"
+    for pattern, (in_features, count) in _fallbacks(layout, inputs).items():
+        log.info("int4: %s (%d layer(s), %d in-features) fall back to int8: %s", pattern, count, in_features, why)
+    return layout
+
+
+def _fallbacks(layout: Layout, inputs: Dict[str, Tuple[int, int]]) -> Dict[str, Tuple[int, int]]:
+    """Int8 layers of an int4 layout, grouped by name with the layer number as '*': (in-features, count)."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for name, g in layout.items():
+        if g is None:
+            pattern = re.sub(r"^layers\.\d+\.", "layers.*.", name)
+            in_features = inputs[name][0] // inputs[name][1]
+            out[pattern] = (in_features, out.get(pattern, (0, 0))[1] + 1)
+    return out
+
+
+def describe(layout: Optional[Layout]) -> str:
+    """'int8', 'int4 (group size 64; 5 layer(s) int8)' and the like, for logs."""
+    if not layout:
+        return "float"
+    sizes = sorted({g for g in layout.values() if g is not None})
+    if not sizes:
+        return "int8"
+    n_int8 = sum(g is None for g in layout.values())
+    return f"int4 (group size {'/'.join(map(str, sizes))}" + (f"; {n_int8} layer(s) int8)" if n_int8 else ")")
+
+
+def quantized_shapes(name: str, out_features: int, in_features: int,
+                     group_size: Optional[int]) -> Dict[str, Tuple[int, ...]]:
+    """The checkpoint tensors that replace float weight `name`.weight, with their whole shapes."""
+    if group_size is None:
+        return {f"{name}.weight": (out_features, in_features), f"{name}{_SCALES}": (out_features,)}
+    groups = (out_features, in_features // group_size)
+    return {f"{name}.weight": (out_features, in_features // 2), **{f"{name}.{leaf}": groups for leaf in INT4_LEAVES}}
+
+
+def read_layout(tensors: Dict[str, torch.Tensor], linears: List[str]) -> Optional[Layout]:
+    """The layout of a checkpoint shard holding `tensors`, for its `linears` (checkpoint names), or None
+    for a float checkpoint. The group size follows from one shard's own shapes: 2 * (in/2) / groups.
+    Shapes are checked against the whole model afterwards; this refuses dtypes and sizes no kernel takes."""
+    if not any(k.endswith((_SCALES, f".{INT4_LEAVES[0]}")) for k in tensors):
+        return None
+    layout: Layout = {}
+    for name in linears:
+        weight, scales = tensors.get(f"{name}.weight"), tensors.get(f"{name}.{INT4_LEAVES[0]}")
+        if scales is None:
+            layout[name] = None
+            if weight is not None and weight.dtype != torch.int8:
+                raise CheckpointError(f"{name}.weight is {weight.dtype}, but an int8 layer's weight is torch.int8: "
+                                      "quantize the float checkpoint again with scripts/quantize.py")
+            continue
+        if weight is None or weight.dim() != 2 or scales.dim() != 2 or weight.dtype != torch.uint8:
+            raise CheckpointError(f"{name} has {INT4_LEAVES[0]} but its weight is not (out, in/2) torch.uint8 as an "
+                                  "int4 layer's is: quantize the float checkpoint again with scripts/quantize.py")
+        size = 2 * weight.shape[1] // max(scales.shape[1], 1)
+        if size not in GROUP_SIZES or size * scales.shape[1] != 2 * weight.shape[1]:
+            raise CheckpointError(f"{name}: a weight of shape {tuple(weight.shape)} (two int4 values a byte) and "
+                                  f"{INT4_LEAVES[0]} of shape {tuple(scales.shape)} give no supported group size "
+                                  f"{GROUP_SIZES}: quantize the float checkpoint again with scripts/quantize.py")
+        layout[name] = size
+    return layout
+
+
+# int8.
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T for int8 `weight` (out, in) and `scales` in x's dtype."""
-    if x.device.type == "cpu":  # a kernel that converts the int8 weight on the fly
+    # On CPU a kernel that converts the int8 weight on the fly; in torch 2.13 it crashes (SIGSEGV) on
+    # bf16 activations of several rows when the in-features are not a multiple of 16.
+    if x.device.type == "cpu" and (x.dtype != torch.bfloat16 or weight.shape[1] % 16 == 0):
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
         return out.view(*x.shape[:-1], weight.shape[0])  # (..., out)
     # Elsewhere a cast and a scale. It makes a float copy of the weight per call; on an H100 a
     # compiled int8 decode step ran at 1.8x transformers' bf16, not yet above our own bf16.
     return F.linear(x, weight.to(x.dtype)) * scales
+
+
+def _combined(y: torch.Tensor, combine: Optional[str]) -> torch.Tensor:
+    if combine == "gather":
+        return gather_from_model_parallel_region(y)
+    return reduce_from_model_parallel_region(y) if combine == "reduce" else y
 
 
 class Int8Linear(nn.Module):
@@ -53,16 +189,7 @@ class Int8Linear(nn.Module):
         self.combine = combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_linear(x, self.weight, self.scales)
-        if self.combine == "gather":
-            return gather_from_model_parallel_region(y)
-        return reduce_from_model_parallel_region(y) if self.combine == "reduce" else y
-
-
-def _combine(layer: nn.Module) -> Optional[str]:
-    if isinstance(layer, RowParallelLinear):
-        return "reduce"
-    return "gather" if isinstance(layer, ColumnParallelLinear) and layer.gather_output else None
+        return _combined(int8_linear(x, self.weight, self.scales), self.combine)
 
 
 def absmax_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -74,18 +201,264 @@ def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
 
 
-def linears(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, layer) for every float linear layer of `model`."""
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
-                yield parent, attr, child
+# int4: the portable layout.
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) values in 0..15 -> (out, in/2) uint8, the even input feature in the high nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
-def quantize_model_(model: nn.Module) -> nn.Module:
-    """Quantize every float linear of a loaded model in place (all ranks call this)."""
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """pack_nibbles' inverse: (out, in/2) uint8 -> (out, in) uint8 values in 0..15."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
+
+
+_ELEMENTS_AT_ONCE = 1 << 22  # elements quantized at a time: bounds the float32 temporaries
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed (out, in/2) uint8, scales, zeros (out, in/group_size) float32) for weight (out, in)."""
+    out_features, in_features = weight.shape
+    groups = in_features // group_size
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out_features, groups, device=weight.device)
+    zeros = torch.empty_like(scales)
+    step = max(1, _ELEMENTS_AT_ONCE // in_features)
+    for r in range(0, out_features, step):
+        w = weight[r : r + step].to(torch.float32, copy=True).view(-1, groups, group_size)
+        lo, hi = torch.aminmax(w, dim=-1)
+        scale = ((hi - lo) / 15).clamp_(min=torch.finfo(torch.float32).tiny)
+        q = w.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15)  # in place on the copy
+        packed[r : r + step] = pack_nibbles(q.view(-1, in_features))
+        scales[r : r + step], zeros[r : r + step] = scale, lo + 8 * scale
+    return packed, scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype` that the portable int4 tensors stand for: (q - 8) * scale + zero."""
+    out_features, groups = scales.shape
+    w = unpack_nibbles(packed).view(out_features, groups, -1).to(dtype)
+    return w.sub_(8).mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).view(out_features, -1)
+
+
+# int4: the kernels.
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Int4Kernel:
+    """One of torch's int4 matmuls: how to lay a portable weight out for it, and how to call it."""
+
+    name = ""
+    row_multiple = 1  # the kernel's out-features must be a multiple of this; weights are padded with zero rows
+
+    def pack(self, packed: torch.Tensor) -> torch.Tensor:
+        """The kernel's layout of portable (out, in/2) nibbles; it may reuse their memory."""
+        raise NotImplementedError
+
+    def mm(self, x: torch.Tensor, weight: torch.Tensor, group_size: int,
+           scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CPUInt4Kernel(Int4Kernel):
+    """aten._weight_int4pack_mm_for_cpu: float32, bf16 or fp16 activations."""
+
+    name = "cpu"
+    row_multiple = 16
+    _BLOCK_ROWS = 64  # the packing lays out each block of 64 rows (32 without AVX-512) in those rows' bytes
+    _VALUES_AT_ONCE = 1 << 19
+    # byte -> its (high, low) nibbles as int32, the packing's input
+    _NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 15], -1).to(torch.int32)
+
+    def pack(self, packed: torch.Tensor) -> torch.Tensor:
+        # Some blocks at a time, in place: loading holds no second copy of the weight. The packing takes
+        # one int32 per value; the buffers for them are made once, as fresh ones per block left the
+        # allocator holding more, and a few large steps stay fast when other processes want the cores.
+        step = max(1, self._VALUES_AT_ONCE // (2 * packed.shape[1] * self._BLOCK_ROWS)) * self._BLOCK_ROWS
+        index = torch.empty(min(step, packed.shape[0]) * packed.shape[1], dtype=torch.int32)
+        values = torch.empty(index.numel(), 2, dtype=torch.int32)
+        for r in range(0, packed.shape[0], step):
+            rows = packed[r : r + step]
+            n = rows.numel()
+            index[:n].copy_(rows.reshape(-1))
+            torch.index_select(self._NIBBLES, 0, index[:n], out=values[:n])
+            rows.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:n].view(rows.shape[0], -1), 1))
+        return packed
+
+    def mm(self, x, weight, group_size, scales_and_zeros):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, group_size, scales_and_zeros)
+
+
+class CUDAInt4Kernel(Int4Kernel):
+    """aten._weight_int4pack_mm (tinygemm): bf16 activations on sm80 or newer. Its packing takes the
+    portable (out, in/2) uint8 layout as it is and tiles it for the tensor cores."""
+
+    name = "cuda"
+    row_multiple = 8
+
+    def pack(self, packed: torch.Tensor) -> torch.Tensor:
+        in_features = 2 * packed.shape[1]
+        inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)  # group sizes >= 32 allow 2
+        return torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles)
+
+    def mm(self, x, weight, group_size, scales_and_zeros):
+        return torch.ops.aten._weight_int4pack_mm(x.contiguous(), weight, group_size, scales_and_zeros)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def int4_kernel(device: torch.device, dtype: torch.dtype) -> Tuple[Optional[Int4Kernel], str]:
+    """The int4 kernel for activations of `dtype` on `device`, or None and why the plain
+    dequantize-and-matmul path runs instead."""
+    version = tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2])
+    if version < (2, 6):  # older torch took other packed layouts
+        return None, f"torch {torch.__version__} predates the int4 kernel layouts used here (2.6)"
+    if device.type == "cpu":
+        if not _has_op("_weight_int4pack_mm_for_cpu"):
+            return None, "this torch build has no _weight_int4pack_mm_for_cpu"
+        return _checked(CPUInt4Kernel, device, dtype)
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            return None, "ROCm's tinygemm tiles differ from CUDA's"
+        if not _has_op("_weight_int4pack_mm"):
+            return None, "this torch build has no _weight_int4pack_mm"
+        if dtype != torch.bfloat16:
+            return None, f"_weight_int4pack_mm takes bf16 activations, not {dtype} (use --dtype bf16)"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return None, "_weight_int4pack_mm needs a GPU of compute capability 8.0 or newer"
+        return _checked(CUDAInt4Kernel, device, dtype)
+    return None, f"no int4 kernel for {device.type}"
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(kind: type, device: torch.device, dtype: torch.dtype) -> Tuple[Optional[Int4Kernel], str]:
+    """A `kind` kernel if, once per process, it gives the plain path's result on a small random layer:
+    packed layouts are private to torch, so a version that changed them falls back rather than compute
+    garbage."""
+    kernel = kind()
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(100, 256, generator=gen)  # 100 rows: padded for either kernel
+    x = torch.randn(3, 256, generator=gen).to(device, dtype)
+    packed, scales, zeros = (t.to(device) for t in quantize_int4(weight, 32))
+    layer = Int4Linear.from_portable(packed, scales.to(dtype), zeros.to(dtype), group_size=32)
+    expected = layer(x).float()
+    try:
+        layer.pack_(kernel)
+        got = layer(x).float()
+    except RuntimeError as e:
+        return None, f"{kind.__name__} failed on this machine ({str(e).splitlines()[0]})"
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    if not torch.allclose(got, expected, atol=tol * expected.abs().max().item(), rtol=0):
+        return None, f"{kind.__name__} disagrees with the plain path in torch {torch.__version__}"
+    return kernel, ""
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with an int4 weight, scales and zeros per group of `group_size` input features.
+
+    Buffers: `weight`, at first in the portable layout (out, in/2) uint8, and `scales_and_zeros`
+    (in/group_size, out, 2), the kernels' layout, of which `group_scales` and `group_zeros` are
+    (out, in/group_size) views: a checkpoint fills all three row by row (a fused layer's parts are
+    rows), and the plain path computes with them: dequantize, then matmul. `pack_` lays the weight out
+    for a kernel, in place. `combine` as Int8Linear's."""
+
+    def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 combine: Optional[str] = None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.out_features, self.in_features = weight.shape[0], 2 * weight.shape[1]
+        self.group_size, self.combine = group_size, combine
+        self.kernel: Optional[Int4Kernel] = None
+
+    @classmethod
+    def from_portable(cls, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      combine: Optional[str] = None) -> "Int4Linear":
+        """The layer of quantize_int4's tensors, its scales and zeros in their dtype."""
+        return cls(packed, torch.stack([scales.t(), zeros.t()], -1), group_size, combine)
+
+    @property
+    def group_scales(self) -> torch.Tensor:
+        return self.scales_and_zeros[:, : self.out_features, 0].t()
+
+    @property
+    def group_zeros(self) -> torch.Tensor:
+        return self.scales_and_zeros[:, : self.out_features, 1].t()
+
+    def pack_(self, kernel: Int4Kernel) -> None:
+        """Lay the weight out for `kernel` (after zero rows up to the kernel's multiple, if it needs them)."""
+        rows = _round_up(self.out_features, kernel.row_multiple)
+        if rows != self.out_features:
+            pad = self.scales_and_zeros.new_zeros(self.scales_and_zeros.shape[0], rows - self.out_features, 2)
+            self.scales_and_zeros = torch.cat([self.scales_and_zeros, pad], dim=1)
+        self.weight = kernel.pack(_pad_rows(self.weight, rows))
+        self.kernel = kernel
+
+    def extra_repr(self) -> str:
+        kernel = "dequantize" if self.kernel is None else self.kernel.name
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, kernel={kernel}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel is None:
+            y = F.linear(flat, dequantize_int4(self.weight, self.group_scales, self.group_zeros, x.dtype))
+        else:
+            y = self.kernel.mm(flat, self.weight, self.group_size, self.scales_and_zeros)[:, : self.out_features]
+        return _combined(y.reshape(*x.shape[:-1], self.out_features), self.combine)
+
+
+# Whole models.
+
+def _combine(layer: nn.Module) -> Optional[str]:
+    if isinstance(layer, RowParallelLinear):
+        return "reduce"
+    return "gather" if isinstance(layer, ColumnParallelLinear) and layer.gather_output else None
+
+
+def linears(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module, List[str]]]:
+    """(parent, attribute, layer, checkpoint names) for every float linear layer of `model`: a fused
+    wqkv / w13 stands for its parts' names ("layers.0.attention.wq", ...). Only the parents are listed
+    ahead, so a layer the caller replaces is freed then, not after the last one."""
+    kinds = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+    found = [(path, parent, attr) for path, parent in model.named_modules()
+             for attr, child in parent.named_children() if isinstance(child, kinds)]
+    for path, parent, attr in found:
+        prefix = f"{path}." if path else ""
+        parts = list(parent.parts()) if getattr(parent, "fused", None) == attr else [attr]
+        yield parent, attr, getattr(parent, attr), [prefix + p for p in parts]
+
+
+def _group_size(layout: Layout, names: List[str]) -> Optional[int]:
+    """The group size of a layer standing for checkpoint linears `names`: one for all its parts."""
+    sizes = {layout[n] for n in names}
+    if len(sizes) != 1:
+        raise CheckpointError(f"{', '.join(names)} are fused into one layer but quantized differently "
+                              f"({[layout[n] for n in names]}): quantize the float checkpoint again")
+    return sizes.pop()
+
+
+def quantize_model_(model: nn.Module, layout: Optional[Layout] = None) -> nn.Module:
+    """Quantize every float linear of a loaded model in place as `layout` (see `plan`; None: int8 for
+    every layer) says. All ranks call this; int8 row-parallel layers agree on scales with an all-reduce."""
     split = fs_init.get_model_parallel_world_size() > 1
-    for parent, attr, layer in linears(model):
+    for parent, attr, layer, names in linears(model):
+        group_size = None if layout is None else _group_size(layout, names)
+        if group_size is not None:
+            q, scales, zeros = quantize_int4(layer.weight, group_size)
+            dtype = layer.weight.dtype
+            setattr(parent, attr, Int4Linear.from_portable(q, scales.to(dtype), zeros.to(dtype), group_size,
+                                                           _combine(layer)))
+            continue
         scales = absmax_scales(layer.weight)
         if split and isinstance(layer, RowParallelLinear):  # each rank holds part of every row
             dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=fs_init.get_model_parallel_group())
@@ -94,24 +467,56 @@ def quantize_model_(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_int8_(model: nn.Module) -> None:
-    """Give every linear of a model built on the meta device the int8 layout, for an int8 checkpoint."""
-    for parent, attr, layer in linears(model):
-        w = layer.weight
-        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        setattr(parent, attr, Int8Linear(q, torch.empty(w.shape[0], device=w.device), _combine(layer)))
+def prepare_quantized_(model: nn.Module, layout: Layout) -> None:
+    """Give every linear of a model built on the meta device the layout of a quantized checkpoint,
+    in the portable int4 form, for the checkpoint to fill."""
+    for parent, attr, layer, names in linears(model):
+        w, group_size = layer.weight, _group_size(layout, names)
+        out_features, in_features = w.shape
+        if group_size is None:
+            q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+            setattr(parent, attr, Int8Linear(q, torch.empty(out_features, device=w.device), _combine(layer)))
+            continue
+        q = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=w.device)
+        # Made as it is, not stacked: the first stack on the meta device imports ~800 torch modules (75 MB).
+        scales_and_zeros = torch.empty(in_features // group_size, out_features, 2, device=w.device)
+        setattr(parent, attr, Int4Linear(q, scales_and_zeros, group_size, _combine(layer)))
 
 
-def quantize_state_dict(full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A whole-model float state dict with every linear weight as int8 plus `NAME.scales` (float32)."""
+def pack_int4_(model: nn.Module) -> Optional[str]:
+    """Lay every int4 layer of a loaded model out for the kernel of its device and dtype; the kernel's
+    name ("cpu", "cuda", or "dequantize" for the plain path), None without int4 layers. The log says
+    which, and why the plain path runs where it does."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel is None]
+    if not layers:
+        return None
+    kernel, why = int4_kernel(layers[0].weight.device, layers[0].scales_and_zeros.dtype)
+    if kernel is None:
+        log.warning("int4: no kernel (%s): each int4 layer dequantizes its weight and runs a plain matmul, "
+                    "slower than int8", why)
+        return "dequantize"
+    for layer in layers:
+        layer.pack_(kernel)
+    log.info("int4: %d layer(s) on the %s kernel", len(layers), kernel.name)
+    return kernel.name
+
+
+def quantize_state_dict(full: Dict[str, torch.Tensor], layout: Optional[Layout] = None) -> Dict[str, torch.Tensor]:
+    """A whole-model float state dict with every linear weight quantized as `layout` says (None: int8
+    everywhere), in the portable checkpoint layout (see the module docstring)."""
     out: Dict[str, torch.Tensor] = {}
     for name, tensor in full.items():
-        if name.endswith(".weight") and tensor.dim() == 2 and name != "tok_embeddings.weight":
-            scales = absmax_scales(tensor)
-            out[name] = quantize_weight(tensor, scales)
-            out[name[: -len(".weight")] + _SCALES] = scales
-        else:
+        if not (name.endswith(".weight") and tensor.dim() == 2 and name != "tok_embeddings.weight"):
             out[name] = tensor
+            continue
+        prefix = name[: -len(".weight")]
+        group_size = None if layout is None else layout[prefix]
+        if group_size is None:
+            scales = absmax_scales(tensor)
+            out[name], out[prefix + _SCALES] = quantize_weight(tensor, scales), scales
+        else:
+            out[name], *groups = quantize_int4(tensor, group_size)
+            out.update({f"{prefix}.{leaf}": t for leaf, t in zip(INT4_LEAVES, groups)})
     return out
 
 
@@ -119,6 +524,6 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of this rank's parameters and quantized weights (the KV cache and RoPE table excluded)."""
     tensors: Dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
     for module in model.modules():
-        if isinstance(module, Int8Linear):
-            tensors.update({id(module.weight): module.weight, id(module.scales): module.scales})
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            tensors.update({id(t): t for t in module.buffers(recurse=False)})
     return sum(t.numel() * t.element_size() for t in tensors.values())

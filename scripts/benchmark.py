@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --shape stories260k --batch 1 --gen_len 256 --compare hf
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --gen_len 16 --compare hf
+    python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --quantize int4 --batch 1,8 --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --compile
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --device cuda --compile --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --concurrency 16 --gen_len 120 --compare hf
@@ -39,6 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Dict, List, Optional, Tuple
 
 import fire
@@ -124,7 +126,13 @@ def measure_load(ckpt_dir: str, build_kwargs: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_load_probe, args=(ckpt_dir, {**build_kwargs, "compile": False}, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a probe that dies (a bad flag, out of memory) puts nothing: stop instead of waiting forever
+        try:
+            result = queue.get(timeout=1)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the load probe failed (exit status {proc.exitcode}); its error is above")
     proc.join()
     for key in ("load", "first_token"):
         result[f"{key}_peak_rss_over_weights"] = result[f"{key}_peak_rss_growth"] / result["weight_bytes"]
@@ -151,10 +159,8 @@ def hf_model(ckpt_dir: str, dtype: torch.dtype, device: torch.device):
 
 
 class Ours:
-    name = "ours"
-
-    def __init__(self, generator: Llama):
-        self.generator = generator
+    def __init__(self, generator: Llama, name: str = "ours"):
+        self.generator, self.name = generator, name
 
     def generate(self, prompts: torch.Tensor, n: int, marks: List[float]) -> List[List[int]]:
         model = self.generator.model
@@ -325,6 +331,20 @@ def _median_range(values: List[float]) -> Dict[str, float]:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
 
 
+def quantize_modes(quantize) -> List[Optional[str]]:
+    """--quantize as a list of modes: one ("int4"), or several ("none,int8,int4") to time in one run."""
+    if quantize is None:
+        return [None]
+    modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)
+    return [None if m in (None, "none") else str(m) for m in modes]
+
+
+def _ratios(samples: Dict[str, list], a: str, b: str) -> Dict[str, Dict[str, float]]:
+    """a/b per round, as median [min-max], for the prefill and decode speeds."""
+    return {k: _median_range([x[k] / y[k] for x, y in zip(samples[a], samples[b])])
+            for k in ("prefill_tok_s", "decode_tok_s_total")}
+
+
 def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str, threads: Optional[int],
           cache_dir: Optional[str]) -> Tuple[str, torch.device, torch.dtype]:
     """The checkpoint to measure (a --shape's random weights written on first use), device and dtype."""
@@ -342,18 +362,26 @@ def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str
 def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
         prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
         quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-        threads: Optional[int] = None, seed: int = 0, device: str = "cpu") -> dict:
+        threads: Optional[int] = None, seed: int = 0, device: str = "cpu", group_size: Optional[int] = None) -> dict:
+    modes = quantize_modes(quantize)
     if compare not in (None, "hf"):
         raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
     batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
     build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
-                        dtype=torch_dtype, quantize=quantize)
+                        dtype=torch_dtype)
 
-    progress(f"measuring the load of {ckpt_dir} in a fresh process")
-    load = measure_load(ckpt_dir, build_kwargs)
-    ours = Ours(Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), compile=compile, **build_kwargs))
-    runners = [ours]
+    def mode_kwargs(mode: Optional[str]) -> dict:
+        return dict(quantize=mode, group_size=group_size if mode == "int4" else None)
+
+    loads = {}
+    for mode in modes:
+        progress(f"measuring the load of {ckpt_dir} (quantize={mode}) in a fresh process")
+        loads[mode] = measure_load(ckpt_dir, {**build_kwargs, **mode_kwargs(mode)})
+    runners = [Ours(Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), compile=compile,
+                                **build_kwargs, **mode_kwargs(mode)),
+                    "ours" if len(modes) == 1 else f"ours:{mode or 'none'}") for mode in modes]
+    ours = runners[0]
     if compare == "hf":
         progress("building transformers' LlamaForCausalLM on the same weights")
         runners.append(HF(hf_model(ckpt_dir, torch_dtype, torch_device)))
@@ -374,27 +402,33 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         row = dict(batch=B)
         for name, rs in samples.items():
             row[name] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "tokens"}
-        if compare == "hf":
+        names = [r.name for r in runners]
+        if len(modes) == 1 and compare == "hf":
             row["same_tokens"] = all(o["tokens"] == h["tokens"] for o, h in zip(samples["ours"], samples["hf"]))
-            row["ratio"] = {k: _median_range([o[k] / h[k] for o, h in zip(samples["ours"], samples["hf"])])
-                            for k in ("prefill_tok_s", "decode_tok_s_total")}
+            row["ratio"] = _ratios(samples, "ours", "hf")
+        elif len(modes) > 1:  # every pair, each ratio taken round by round
+            row["ratios"] = {f"{a}/{b}": _ratios(samples, a, b) for i, a in enumerate(names) for b in names[i + 1:]}
         results.append(row)
+    quantized = ",".join(m or "none" for m in modes) + (f" (int4 group size {group_size})" if group_size else "")
     config = dict(ckpt_dir=ckpt_dir, shape=shape, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
-                  quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
-                  threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device),
+                  quantize=quantized if quantize is not None else None, prompt_len=prompt_len, gen_len=gen_len,
+                  rounds=rounds, threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device),
                   device_name=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu")
-    return dict(config=config, load=load, results=results)
+    report = dict(config=config, load=loads[modes[0]], results=results)
+    if len(modes) > 1:
+        report["loads"] = {m or "none": v for m, v in loads.items()}
+    return report
 
 
 def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare, cache_dir, threads,
-               device, concurrency, prefill_gap, prefill_chunk) -> dict:
+               device, concurrency, prefill_gap, prefill_chunk, group_size=None) -> dict:
     """The --concurrency and --prefill_gap reports (see the module docstring)."""
     ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
     n = concurrency or 8
     max_seq_len = max(2 * prompt_len + 1, prefill_gap or 0) + gen_len + 1
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=max_seq_len,
                             max_batch_size=max(n, 9), device=device, dtype=torch_dtype, compile=compile,
-                            quantize=quantize, prefill_chunk=prefill_chunk)
+                            quantize=quantize, prefill_chunk=prefill_chunk, group_size=group_size)
     report = {"config": dict(ckpt_dir=ckpt_dir, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
                              quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
                              threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device))}
@@ -408,28 +442,34 @@ def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, qua
     return report
 
 
+def _load_line(name: str, load: dict) -> str:
+    return (f"load{name} {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
+            f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
+            f"{load['first_token_peak_rss_over_weights']:.2f} after the first token"
+            + (f"   peak GPU memory / weight bytes: {load['gpu_peak_over_weights']:.2f}"
+               if "gpu_peak_over_weights" in load else ""))
+
+
 def table(report: dict) -> str:
-    c, load = report["config"], report["load"]
+    c = report["config"]
+    loads = report.get("loads") or {"": report["load"]}
     lines = [
         f"{c['shape'] or c['ckpt_dir']}  {c['device_name']}  {c['dtype']}  compile={c['compile']}  quantize={c['quantize']}  "
         f"prompt {c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
-        f"load {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
-        f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
-        f"{load['first_token_peak_rss_over_weights']:.2f} after the first token"
-        + (f"   peak GPU memory / weight bytes: {load['gpu_peak_over_weights']:.2f}" if "gpu_peak_over_weights" in load else ""),
+        *(_load_line(f" ({name})" if name else "", load) for name, load in loads.items()),
         "",
         "| batch | impl | prefill tok/s | TTFT ms | decode tok/s per seq | decode tok/s total |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
-        for name in ("ours", "hf"):
-            if name in row:
-                r = row[name]
+        for name, r in row.items():
+            if isinstance(r, dict) and "ttft_s" in r:
                 lines.append(f"| {row['batch']} | {name} | {r['prefill_tok_s']:.0f} | {r['ttft_s'] * 1e3:.1f} | "
                              f"{r['decode_tok_s_per_seq']:.1f} | {r['decode_tok_s_total']:.1f} |")
-        if "ratio" in row:
-            cells = [f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]" for v in row["ratio"].values()]
-            lines.append(f"| {row['batch']} | ours/hf | {cells[0]} | | | {cells[1]} |")
+        ratios = {"ours/hf": row["ratio"]} if "ratio" in row else row.get("ratios", {})
+        for pair, ratio in ratios.items():
+            cells = [f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]" for v in ratio.values()]
+            lines.append(f"| {row['batch']} | {pair} | {cells[0]} | | | {cells[1]} |")
     ratios = [row for row in report["results"] if "same_tokens" in row]
     if ratios:
         lines.append("")
@@ -442,16 +482,17 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
-         concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 256) -> None:
+         concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 256,
+         group_size: Optional[int] = None) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
     if concurrency is not None or prefill_gap is not None:
         report = run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare,
-                            cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk)
+                            cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk, group_size)
         print(jsonlib.dumps(report, indent=2))
         return
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
-                 cache_dir, threads, device=device)
+                 cache_dir, threads, device=device, group_size=group_size)
     if json:
         for row in report["results"]:
             row.pop("tokens", None)
@@ -463,6 +504,6 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
 if __name__ == "__main__":
     try:
         fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -26,3 +26,19 @@ def test_benchmark_bad_flags(tmp_path):
     proc = run_python("scripts/benchmark.py")
     assert proc.returncode == 1 and "--ckpt_dir" in proc.stderr
 
+
+
+def test_benchmark_times_several_quantize_modes_in_one_run(tmp_path):
+    """--quantize none,int4: each mode loads in its own probe and decodes in alternating rounds, and every
+    pair gets a ratio taken round by round."""
+    proc = run_python("scripts/benchmark.py", "--shape", "tiny", "--quantize", "none,int4", "--batch", "1",
+                      "--prompt_len", "4", "--gen_len", "2", "--rounds", "1", "--json", "--cache_dir", str(tmp_path),
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["config"]["quantize"] == "none,int4" and list(report["loads"]) == ["none", "int4"]
+    assert report["loads"]["int4"]["weight_bytes"] < 0.5 * report["loads"]["none"]["weight_bytes"]
+    (row,) = report["results"]
+    assert row["ours:none"]["decode_tok_s_total"] > 0 and row["ours:int4"]["decode_tok_s_total"] > 0
+    assert list(row["ratios"]) == ["ours:none/ours:int4"]
+    assert row["ratios"]["ours:none/ours:int4"]["decode_tok_s_total"]["min"] > 0

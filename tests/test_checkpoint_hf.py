@@ -136,6 +136,9 @@ def edited(src, dst, config=None, file=None, change=None):
 BAD = {
     "config not JSON": (dict(file="config.json", change=lambda p: p.write_text("{")), "config.json is not valid JSON"),
     "not llama": (dict(config={"model_type": "mistral"}), "model_type is 'mistral', not 'llama'"),
+    "bitsandbytes": (dict(config={"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                                          "bnb_4bit_quant_type": "nf4"}}),
+                     "the weights are quantized (bitsandbytes nf4), which this library does not read"),
     "rope scaling": (dict(config={"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}),
                      "RoPE scaling 'yarn' is not supported"),
     "shape vs config": (dict(config={"intermediate_size": 128}),

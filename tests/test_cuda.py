@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import torchrun
 from cuda_worker import PROMPTS
 from llama import Llama
+from llama.quantize import GROUP_SIZES, CUDAInt4Kernel, Int4Linear, dequantize_int4, quantize_int4
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU on this machine; run `pytest tests/test_cuda.py` on a GPU host")
@@ -75,7 +76,7 @@ def test_int8_on_gpu_matches_int8_on_cpu(tiny_ckpt):
     torch.testing.assert_close(gpu.model(tokens.cuda(), 0).cpu(), cpu.model(tokens, 0), atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bf16", None), ("float32", "int8")])
+@pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bf16", None), ("float32", "int8"), ("bf16", "int4")])
 def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
     """CUDA graphs replay the compiled step."""
     eager = _build(tiny_ckpt, device="cuda", dtype=dtype, quantize=quantize)
@@ -89,6 +90,45 @@ def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
     # another number of rows runs another bucket; the same number again reuses its graph
     again = compiled.generate(PROMPTS[:1], max_gen_len=24, temperature=0)[0]
     assert again[0] == compiled.generate(PROMPTS[:1], max_gen_len=24, temperature=0)[0][0]
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_int4_kernel_on_gpu_equals_the_plain_path(group_size):
+    """_weight_int4pack_mm on its tiled layout gives the dequantize-and-matmul result: 100 rows padded to
+    the kernel's multiple of 8, in-features that take 2, 4 and 8 inner k-tiles."""
+    gen = torch.Generator().manual_seed(group_size)
+    for in_features in sorted({3 * group_size, 2 * group_size, 4 * group_size}):
+        weight = torch.randn(100, in_features, generator=gen)
+        x = torch.randn(5, in_features, generator=gen).cuda().bfloat16()
+        packed, scales, zeros = (t.cuda() for t in quantize_int4(weight, group_size))
+        layer = Int4Linear.from_portable(packed.clone(), scales.bfloat16(), zeros.bfloat16(), group_size)
+        plain = layer(x).float()
+        layer.pack_(CUDAInt4Kernel())
+        got = layer(x)
+        assert got.shape == (5, 100) and got.dtype == torch.bfloat16
+        reference = x.double() @ dequantize_int4(packed, scales, zeros, torch.float64).T
+        tol = 2e-2 * reference.abs().max().item()
+        torch.testing.assert_close(got.double(), reference, atol=tol, rtol=0)
+        torch.testing.assert_close(got.float(), plain, atol=tol, rtol=0)
+
+
+def test_int4_on_gpu_tracks_float32(stories_ckpt, caplog):
+    """bf16 activations run the CUDA int4 kernel, within the CPU's bf16 int4 quality of float32 (teacher-
+    forced: top-1 agreement >= 85%, perplexity within 10%); fp16 has no kernel: the plain path, logged."""
+    ref = _build(stories_ckpt, device="cuda", dtype="float32")
+    q = _build(stories_ckpt, device="cuda", dtype="bf16", quantize="int4")
+    assert q.model.layers[0].attention.wqkv.kernel.name == "cuda"
+    tokens = _story(ref).cuda()
+    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
+    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
+    ppl_ref, ppl_q = (F.cross_entropy(x, tokens[0, 1:]).exp().item() for x in (ref_logits, q_logits))
+    print(f"int4 bf16: top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs {ppl_ref:.4f}")
+    assert agreement >= 0.85 and abs(ppl_q / ppl_ref - 1) <= 0.10
+    with caplog.at_level("WARNING", logger="llama.quantize"):
+        fp16 = _build(stories_ckpt, device="cuda", dtype="fp16", quantize="int4")
+    assert fp16.model.layers[0].attention.wqkv.kernel is None
+    assert any("takes bf16 activations" in m for m in caplog.messages)
+    assert torch.isfinite(fp16.model(tokens, 0)).all()
 
 
 def test_kv_cache_larger_than_the_gpu_is_refused_before_allocating(tiny_ckpt):

@@ -1,6 +1,7 @@
 """Hugging Face tokenizer files: what transformers loads from an exported folder (AutoTokenizer, the
 chat template, pipeline, `transformers serve`) gives our ids and text, and a folder with only
 tokenizer.json loads here through `tokenizers` with the same ids."""
+import copy
 import json
 import shutil
 import subprocess
@@ -65,6 +66,16 @@ def exported(tiny_ckpt, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def with_template(hf, chat_format):
+    """A copy of AutoTokenizer `hf` with chat format `chat_format`'s template (the export's choice is
+    tested in test_export_takes_the_chat_format_in_use)."""
+    from llama.chat_templates import CHAT_TEMPLATES
+
+    hf = copy.deepcopy(hf)
+    hf.chat_template = CHAT_TEMPLATES[chat_format]
+    return hf
 
 
 def hf_ids(hf, text, **kwargs):
@@ -170,12 +181,32 @@ def test_any_text_encodes_and_decodes_as_ours(exported, name, text):
     assert hf_decode(hf, name, ids) == ours.decode(ids)
 
 
-@pytest.mark.parametrize("name", ("llama", "tiny", "llama3"))
-def test_chat_template_gives_encode_dialog_ids(exported, name):
+@pytest.mark.parametrize("name, chat_format", [("llama", None), ("tiny", None), ("llama3", None),
+                                               ("llama", "alpaca"), ("tiny", "alpaca"), ("llama3", "alpaca")])
+def test_chat_template_gives_encode_dialog_ids(exported, name, chat_format):
     ours, hf, _ = exported(name)
+    hf = hf if chat_format is None else with_template(hf, chat_format)
     for dialog in DIALOGS:
         assert hf.apply_chat_template(dialog, add_generation_prompt=True, return_dict=True)["input_ids"] == \
-            encode_dialog(ours, dialog), dialog
+            encode_dialog(ours, dialog, chat_format), dialog
+
+
+def test_alpaca_chat_template_text(exported):
+    """Stanford Alpaca's two templates, the system message as the Input, earlier exchanges as whole
+    BOS..EOS examples; a dialog that ends with an answer closes its last example."""
+    hf = with_template(exported("tiny")[1], "alpaca")
+    assert hf.apply_chat_template(DIALOGS[1], add_generation_prompt=True, tokenize=False) == (
+        "<s>Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nWhat is 2+2?\n\n"
+        "### Input:\nBe brief.\n\n### Response:\n")
+    plain = ("<s>Below is an instruction that describes a task. Write a response that appropriately completes the "
+             "request.\n\n### Instruction:\n{}\n\n### Response:\n")
+    assert hf.apply_chat_template(DIALOGS[2], tokenize=False) == plain.format("a") + "b</s>" + plain.format("c")
+    finished = DIALOGS[2][:2]
+    assert hf.apply_chat_template(finished, tokenize=False) == plain.format("a") + "b</s>"
+    for bad in ([{"role": "assistant", "content": "x"}], [{"role": "system", "content": "x"}]):
+        with pytest.raises(Exception, match="roles must alternate|must be followed by a user message"):
+            hf.apply_chat_template(bad, tokenize=False)
 
 
 def test_llama2_chat_template_text_and_ids(exported):
@@ -245,6 +276,32 @@ def test_hf_to_hf_keeps_the_tokenizer_files(tiny_hf, tmp_path):
     assert read(out / "tokenizer_config.json")["chat_template"] == "{{ 'custom' }}"
     assert (out / "tokenizer.json").read_bytes() == (tiny_hf / "tokenizer.json").read_bytes()
     assert read(out / "config.json")["eos_token_id"] == 2
+
+
+def test_export_takes_the_chat_format_in_use(tiny_ckpt, tiny_hf, tmp_path):
+    """write_hf(..., chat_format="alpaca") (convert_checkpoint.py --chat_format alpaca): the folder's chat
+    template is Alpaca's, from a Meta source (built) or a Hugging Face one (its own replaced, its other files
+    kept); a format the tokenizer cannot speak, or none, is refused before anything is written."""
+    from llama.chat_templates import CHAT_TEMPLATES
+
+    ours = load_tokenizer(tiny_ckpt / "tokenizer.model")
+    for i, src in enumerate((tiny_ckpt, tiny_hf)):
+        out = write_hf(open_checkpoint(src), tmp_path / f"alpaca{i}", chat_format="alpaca")
+        assert read(out / "tokenizer_config.json")["chat_template"] == CHAT_TEMPLATES["alpaca"]
+        assert (out / "tokenizer.json").read_bytes() == (tiny_hf / "tokenizer.json").read_bytes()
+        hf = transformers.AutoTokenizer.from_pretrained(out)
+        for dialog in DIALOGS:
+            assert hf.apply_chat_template(dialog, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+                encode_dialog(ours, dialog, "alpaca")
+    with pytest.raises(ValueError, match="chat_format='vicuna' is not one of"):
+        write_hf(open_checkpoint(tiny_ckpt), tmp_path / "bad", chat_format="vicuna")
+    assert not (tmp_path / "bad").exists()
+    proc = run_python("scripts/convert_checkpoint.py", str(tiny_ckpt), str(tmp_path / "bad"), "--to", "hf",
+                      "--chat_format", "llama3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
+    assert proc.stderr.strip() == ("error: chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header "
+                                   "tokens); this checkpoint has a SentencePiece one: use 'llama2' or leave "
+                                   "chat_format unset")
 
 
 def test_a_sentencepiece_model_tokenizer_json_cannot_match_is_left_out_with_a_warning(tiny_ckpt, tmp_path, caplog):
