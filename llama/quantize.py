@@ -165,8 +165,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if x.device.type == "cpu" and (x.dtype != torch.bfloat16 or weight.shape[1] % 16 == 0):
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
         return out.view(*x.shape[:-1], weight.shape[0])  # (..., out)
-    # Elsewhere a cast and a scale. It makes a float copy of the weight per call; on an H100 a
-    # compiled int8 decode step ran at 1.8x transformers' bf16, not yet above our own bf16.
+    # Elsewhere a cast and a scale: simple, but it makes a float copy of the weight per call, which
+    # costs a GPU step about what the int8 weights save (README, Performance).
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
