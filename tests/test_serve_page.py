@@ -64,11 +64,30 @@ def test_page_users_batch_together(server, ref):
     assert engine.stats.steps - before < 4 * 128  # one after another would be 6 x 128 steps
 
 
-def test_chat_answers_with_the_system_prompt(server, ref):
-    client = gradio_client.Client(server.url, verbose=False)
-    answer = client.predict("Tell me a story", "You are brief.", 0, 0.9, 20, api_name="/chat")
-    dialog = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Tell me a story"}]
-    assert answer == ref.chat_completion([dialog], temperature=0, max_gen_len=20)[0]["generation"]["content"]
+def test_chat_answers_with_the_system_prompt_turn_after_turn(server, ref):
+    client = gradio_client.Client(server.url, verbose=False)  # keeps the conversation, as the page does
+    dialog = [{"role": "system", "content": "You are brief."}]
+    for message in ("Tell me a story", "And then?"):
+        answer = client.predict(message, "You are brief.", 0, 0.9, 20, api_name="/chat")
+        dialog.append({"role": "user", "content": message})
+        assert answer == ref.chat_completion([dialog], temperature=0, max_gen_len=20)[0]["generation"]["content"]
+        dialog.append({"role": "assistant", "content": answer})
+
+
+def test_chat_drops_the_oldest_exchanges_that_no_longer_fit(ref):
+    from llama.serve.page import _fit
+
+    words = "the cat sat on the mat " * 6
+    dialog = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        dialog += [{"role": "user", "content": f"{i} {words}"}, {"role": "assistant", "content": words}]
+    dialog.append({"role": "user", "content": "last"})
+    assert len(ref.encode_dialog(dialog)) > MAX_SEQ_LEN
+    prompt = _fit(ref, dialog, 40)
+    assert len(prompt) + 40 <= MAX_SEQ_LEN
+    # the system message and the newest whole exchanges: one more would not have fit
+    start = next(k for k in range(1, len(dialog), 2) if ref.encode_dialog(dialog[:1] + dialog[k:]) == prompt)
+    assert start > 1 and len(ref.encode_dialog(dialog[:1] + dialog[start - 2:])) + 40 > MAX_SEQ_LEN
 
 
 def test_chat_refuses_a_reserved_tag_and_keeps_serving(server):
