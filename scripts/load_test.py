@@ -6,22 +6,26 @@ one at a time, and against `transformers serve --continuous-batching` on the sam
         --tokenizer_path ../shared/assets/llama_tokenizer.model --clients 1,8 --max_tokens 16 --compare hf
     python scripts/load_test.py --smoke       # tiny random weights, 1 and 4 clients, a few tokens: seconds
 
-Each server runs in its own process (the client's work must not share the server's GIL), started
-here and stopped at the end. At each level N, N clients each send `--rounds` greedy streaming
-/v1/completions requests back to back, with prompts of mixed lengths; the report gives total
-tokens per second (completion tokens from each stream's usage over the level's wall time), time
-to first token (p50, p99) and the gap between content chunks (p50, p99; under load one chunk may
-carry several tokens, `tokens_per_chunk`). "serial" sends the same requests one at a time. With
---compare hf the HF folder (--hf_dir, or one written by scripts/convert_checkpoint.py --to hf)
-is served by transformers on the same CPU threads, and ratios ours/hf are given per level.
-`overhead` compares one stream's time per token over HTTP (the server otherwise idle) with the
-same request's in this process (Llama.submit), in turns: the HTTP and streaming cost per token as
-a fraction of a decode step. Absolute speeds drift with the machine's load: compare the
-ratios of one run. Progress goes to stderr, the JSON report to stdout.
+Each server runs in its own process (the client's work must not share the server's interpreter
+lock), started here and stopped at the end; with --compare hf both are up at once, idle in turn.
+At each level N, N clients each send `--rounds` greedy streaming /v1/completions requests back to
+back, prompts of mixed lengths, on every server in turns, `--repeats` times (so the machine's
+drifting load hits them alike). The report gives, per level and server, medians over the repeats
+of total tokens per second (completion tokens, from each stream's usage, over the level's wall
+time), time to first token (p50, p99) and the gap between content chunks (p50, p99; a chunk may
+carry several tokens, `tokens_per_chunk`: see serve.py's --stream_interval), and ratios
+ours / other as median [min-max] over the repeats. "ours one at a time" sends the same requests
+sequentially; "hf" is `transformers serve --continuous-batching` on an HF folder (--hf_dir, or one
+written by scripts/convert_checkpoint.py --to hf). `overhead` compares one stream's time per token
+over HTTP (the servers otherwise idle) with the same request's in this process (Llama.submit), in
+turns: the HTTP and streaming cost per token as a fraction of a decode step. Absolute speeds drift
+with the machine's load: compare the ratios of one run. Progress goes to stderr, the JSON report
+to stdout.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -181,18 +185,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _drive(url: str, model: str, levels: List[int], rounds: int, max_tokens: int, serial: bool) -> Dict[str, dict]:
+def _compare(servers: Dict[str, "_Server"], models: Dict[str, str], levels: List[int], rounds: int, repeats: int,
+             max_tokens: int, serial: bool) -> Dict[str, dict]:
+    """Each level on every server in turns, `repeats` times (so that the machine's drifting load hits them
+    alike); medians per level, and ratios as median [min-max] over the repeats."""
+    for name, server in servers.items():  # every batch size comes by (with --compile, each compiles once)
+        progress(f"warm-up: {name}")
+        asyncio.run(_level(server.url, models[name], prompts(max(levels), seed=99), max(levels), min(max_tokens, 8)))
     out: Dict[str, dict] = {}
-    # Warm-up at the top concurrency: every batch size comes by (with --compile, each compiles once).
-    asyncio.run(_level(url, model, prompts(max(levels), seed=99), max(levels), min(max_tokens, 8)))
     for n in levels:
         texts = prompts(n * rounds)
-        progress(f"  {n} client(s), {len(texts)} request(s)")
-        out[f"{n}"] = asyncio.run(_level(url, model, texts, n, max_tokens))
+        runs = {name: (server.url, models[name], n) for name, server in servers.items()}
         if serial and n > 1:
-            progress(f"  the same {len(texts)} request(s) one at a time")
-            out[f"{n}_serial"] = asyncio.run(_level(url, model, texts, 1, max_tokens))
+            runs["ours one at a time"] = (servers["ours"].url, models["ours"], 1)
+        samples: Dict[str, List[dict]] = {name: [] for name in runs}
+        for r in range(repeats):
+            for name, (url, model, clients) in runs.items():
+                progress(f"{n} client(s), {len(texts)} request(s), repeat {r + 1}/{repeats}: {name}")
+                samples[name].append(asyncio.run(_level(url, model, texts, clients, max_tokens)))
+        row = {name: _median_summary(rows) for name, rows in samples.items()}
+        ratios = {f"ours / {name}": _median_range([a["tok_s"] / b["tok_s"] for a, b in zip(samples["ours"], rows)])
+                  for name, rows in samples.items() if name != "ours"}
+        same = {f"{name}: same texts as ours": rows[-1]["texts"] == samples["ours"][-1]["texts"]
+                for name, rows in samples.items() if name != "ours"}
+        out[str(n)] = {**row, "ratios": ratios, **same}
     return out
+
+
+def _median_summary(rows: List[dict]) -> dict:
+    def med(f):
+        return statistics.median(f(r) for r in rows)
+
+    return {"clients": rows[0]["clients"], "requests": rows[0]["requests"], "tokens": rows[0]["tokens"],
+            "tok_s": med(lambda r: r["tok_s"]),
+            "ttft_ms": {q: med(lambda r: r["ttft_ms"][q]) for q in ("p50", "p99")},
+            "chunk_gap_ms": {q: med(lambda r: r["chunk_gap_ms"][q]) for q in ("p50", "p99")},
+            "tokens_per_chunk": med(lambda r: r["tokens_per_chunk"])}
+
+
+def _median_range(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def _with_tokenizer(ckpt_dir: str, tokenizer_path: str, out: Path) -> str:
@@ -234,12 +266,12 @@ def _overhead(url: str, model: str, ckpt_dir: Optional[str], dtype: Optional[str
 
 
 def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Optional[str] = None,
-         clients="1,4,16,64", rounds: int = 1, max_tokens: int = 128, max_seq_len: int = 512,
+         clients="1,4,16,64", rounds: int = 1, repeats: int = 3, max_tokens: int = 128, max_seq_len: int = 512,
          compare: Optional[str] = None, hf_dir: Optional[str] = None, threads: Optional[int] = None,
          serial: bool = True, compile: bool = False, tokenizer_path: Optional[str] = None, overhead_rounds: int = 3,
          cache_dir: Optional[str] = None, smoke: bool = False) -> None:
     if smoke:
-        clients, max_tokens, max_seq_len, compare, threads = (1, 4), 16, 128, None, 1
+        clients, max_tokens, max_seq_len, compare, threads, repeats = (1, 4), 16, 128, None, 1, 1
     levels = [int(c) for c in (clients if isinstance(clients, (list, tuple)) else str(clients).split(","))]
     if compare not in (None, "hf"):
         raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
@@ -262,59 +294,47 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     report: dict = {"config": dict(ckpt_dir=ckpt_dir, dtype=dtype, compile=compile, clients=levels, rounds=rounds,
-                                   max_tokens=max_tokens, threads=threads, cpus=os.cpu_count())}
+                                   repeats=repeats, max_tokens=max_tokens, threads=threads, cpus=os.cpu_count())}
     port = _free_port()
     cmd = [sys.executable, "serve.py", "--port", str(port), "--max_batch_size", str(max(levels)), "--max_seq_len",
-           str(max_seq_len), "--max_queue", "4096", "--nopage"]
-    cmd += ["--ckpt_dir", ckpt_dir]
+           str(max_seq_len), "--max_queue", "4096", "--nopage", "--ckpt_dir", ckpt_dir]
     cmd += ["--dtype", dtype] if dtype else []
     cmd += ["--compile"] if compile else []
-    progress("ours: " + " ".join(cmd[1:]))
-    with _Server(cmd, port, Path(scratch.name) / "ours.log", env) as server:
-        model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
-        report["ours"] = _drive(server.url, model, levels, rounds, max_tokens, serial)
+    with contextlib.ExitStack() as stack:
+        progress("ours: " + " ".join(cmd[1:]))
+        servers = {"ours": stack.enter_context(_Server(cmd, port, Path(scratch.name) / "ours.log", env))}
+        models = {"ours": httpx.get(servers["ours"].url + "/v1/models").json()["data"][0]["id"]}
+        if compare == "hf":
+            hf_dir = hf_dir or _hf_folder(ckpt_dir, Path(scratch.name) / "hf", env)
+            port = _free_port()
+            progress("transformers: serve " + hf_dir)
+            servers["hf"] = stack.enter_context(_Server(_hf_command(hf_dir, port, levels, max_seq_len, dtype), port,
+                                                        Path(scratch.name) / "hf.log", env))
+            models["hf"] = hf_dir
+        report["levels"] = _compare(servers, models, levels, rounds, repeats, max_tokens, serial)
         if overhead_rounds:
             progress("one stream over HTTP and the same in this process, in turns, for the HTTP overhead")
-            report["overhead"] = _overhead(server.url, model, ckpt_dir, dtype, max_seq_len, max_tokens, threads,
-                                           compile, overhead_rounds)
-    if compare == "hf":
-        if hf_dir is None:
-            hf_dir = str(Path(scratch.name) / "hf")
-            progress(f"writing the Hugging Face folder {hf_dir}")
-            subprocess.run([sys.executable, "scripts/convert_checkpoint.py", ckpt_dir, hf_dir, "--to", "hf"],
-                           cwd=ROOT, env=env, check=True, capture_output=True)
-        port = _free_port()
-        tokens = max(levels) * (max_seq_len + 32)
-        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", hf_dir, "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--continuous-batching", "--cb-block-size", "32",
-               "--cb-num-blocks", str(tokens // 32 + 1), "--cb-max-batch-tokens", "256"]
-        hf_dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-        cmd += ["--dtype", hf_dtypes.get(dtype, dtype)] if dtype else []
-        progress("transformers: " + " ".join(cmd[3:]))
-        with _Server(cmd, port, Path(scratch.name) / "hf.log", env) as server:
-            report["hf"] = _drive(server.url, hf_dir, levels, rounds, max_tokens, serial=False)
-    report["ratios"] = _ratios(report)
-    for side in ("ours", "hf"):
-        for row in report.get(side, {}).values():
-            row.pop("texts")
+            report["overhead"] = _overhead(servers["ours"].url, models["ours"], ckpt_dir, dtype, max_seq_len,
+                                           max_tokens, threads, compile, overhead_rounds)
     print(json.dumps(report, indent=2))
 
 
-def _ratios(report: dict) -> dict:
-    """Throughput ratios per level, and whether the greedy texts agree with ours sent one at a time."""
-    ours, hf = report["ours"], report.get("hf", {})
-    out = {}
-    for key, row in ours.items():
-        if key.endswith("_serial"):
-            continue
-        alone = ours.get(f"{key}_serial")
-        if alone is not None:
-            out[f"{key} clients: ours / ours one at a time"] = row["tok_s"] / alone["tok_s"]
-            out[f"{key} clients: ours, same texts as one at a time"] = row["texts"] == alone["texts"]
-        if key in hf:
-            out[f"{key} clients: ours / transformers serve"] = row["tok_s"] / hf[key]["tok_s"]
-            out[f"{key} clients: transformers, same texts as ours"] = hf[key]["texts"] == row["texts"]
-    return out
+def _hf_folder(ckpt_dir: str, out: Path, env: dict) -> str:
+    progress(f"writing the Hugging Face folder {out}")
+    subprocess.run([sys.executable, "scripts/convert_checkpoint.py", ckpt_dir, str(out), "--to", "hf"], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+    return str(out)
+
+
+def _hf_command(hf_dir: str, port: int, levels: List[int], max_seq_len: int, dtype: Optional[str]) -> List[str]:
+    """transformers serve with continuous batching, its paged cache sized for every client's longest request
+    (the default is sized for a GPU)."""
+    blocks = max(levels) * (max_seq_len + 32) // 32 + 1
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", hf_dir, "--host", "127.0.0.1", "--port",
+           str(port), "--device", "cpu", "--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks",
+           str(blocks), "--cb-max-batch-tokens", "256"]
+    hf_dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return cmd + (["--dtype", hf_dtypes.get(dtype, dtype)] if dtype else [])
 
 
 if __name__ == "__main__":

@@ -183,9 +183,10 @@ def test_load_test_smoke():
     proc = run_python("scripts/load_test.py", "--smoke", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    ours = report["ours"]
-    assert sorted(ours) == ["1", "4", "4_serial"] and ours["4"]["requests"] == ours["4_serial"]["requests"] == 4
-    assert 0 < ours["4"]["tokens"] == ours["4_serial"]["tokens"] <= 4 * 16
-    assert ours["4"]["ttft_ms"]["p50"] > 0 and ours["4"]["tok_s"] > 0
-    assert report["ratios"]["4 clients: ours, same texts as one at a time"] is True  # greedy: batching changes nothing
+    levels = report["levels"]
+    assert sorted(levels) == ["1", "4"]
+    four, alone = levels["4"]["ours"], levels["4"]["ours one at a time"]
+    assert four["requests"] == alone["requests"] == 4 and 0 < four["tokens"] == alone["tokens"] <= 4 * 16
+    assert four["ttft_ms"]["p50"] > 0 and levels["4"]["ratios"]["ours / ours one at a time"]["median"] > 0
+    assert levels["4"]["ours one at a time: same texts as ours"] is True  # greedy: batching changes nothing
     assert report["overhead"]["in_process_s_per_token"] > 0
