@@ -264,6 +264,26 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert after.status_code == 200
 
 
+def test_a_request_whose_logits_turn_nan_gets_a_500_and_the_others_go_on(server, client, ref):
+    g = server.service.llama
+    poison = g.tokenizer.encode("The king", bos=True, eos=False)[-1]
+
+    def nan_rows(module, inputs, output):  # rows that hold the poison token turn NaN
+        return output.masked_fill((inputs[0] == poison).any(-1)[:, None, None], float("nan"))
+
+    handle = g.model.tok_embeddings.register_forward_hook(nan_rows)
+    try:
+        e = _error(lambda: client.completions.create(model=MODEL, prompt="The king", max_tokens=5, temperature=0))
+        streamed = httpx.post(f"{server.url}/v1/completions", timeout=30, json={
+            "model": MODEL, "prompt": "The king", "max_tokens": 5, "stream": True}).text
+    finally:
+        handle.remove()
+    assert e.status_code == 500 and e.body["code"] == "engine_error" and "logits are NaN" in e.body["message"]
+    assert '"code":"engine_error"' in streamed and "logits are NaN" in streamed
+    assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=8, temperature=0).choices[0].text == \
+        greedy(ref, "The cat", 8)
+
+
 def _samples(text):
     """{(name, frozenset of label pairs): value} of a Prometheus text exposition."""
     out = {}

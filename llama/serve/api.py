@@ -111,14 +111,9 @@ def finish_reason(reason: str) -> str:
     return "stop" if reason == "stop" else "length"
 
 
-def _engine_error(c: Completion, watch: Watch) -> APIError:
+def _engine_error(watch: Watch, index: int) -> APIError:
     """The 500 of a completion that failed, or that the engine left open when it died."""
-    error = watch.failure
-    if error is None:
-        try:
-            c.wait()  # done already: returns at once, raising the request's error
-        except Exception as e:  # noqa: BLE001 - reported to the client
-            error = e
+    error = watch.error(index)
     detail = "" if error is None else f": {type(error).__name__}: {error}"
     return APIError(500, f"generation failed{detail}", code="engine_error")
 
@@ -149,9 +144,9 @@ class _Answer:
 
     def whole(self, watch: Watch) -> dict:
         completions = watch.completions
-        failed = next((c for c in completions if c.finish_reason in ("error", None)), None)
+        failed = next((i for i, c in enumerate(completions) if c.finish_reason in ("error", None)), None)
         if failed is not None:
-            raise _engine_error(failed, watch)
+            raise _engine_error(watch, failed)
         choices = []
         for index, c in enumerate(completions):
             choice: Dict[str, object] = {"index": index}
@@ -206,7 +201,7 @@ class _Answer:
             async for change in watch.changes():
                 c = watch.completions[change.index]
                 if change.finish_reason == "error":
-                    yield _event(_engine_error(c, watch).body())
+                    yield _event(_engine_error(watch, change.index).body())
                     return
                 choice = self._chunk_choice(c, change, states[change.index])
                 if choice is not None:

@@ -39,7 +39,22 @@ def _fail(e: Exception) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+async def _growing(watch, text: str) -> AsyncIterator[str]:
+    """`text` followed by the watch's output, each time it grows; a Gradio error if generation fails."""
+    try:
+        async for change in watch.changes():
+            if change.finish_reason == "error":
+                error = watch.error(change.index)
+                raise gr.Error(f"generation failed: {type(error).__name__}: {error}", print_exception=False)
+            if change.delta is not None and change.delta.text:
+                text += change.delta.text
+                yield text
+    finally:
+        watch.cancel()
+
+
 def build_page(service: Service) -> gr.Blocks:
+    """The two tabs; their functions submit to `service` (the model may still be loading when this runs)."""
     async def complete(prompt: str, seed: float = 1, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                        max_tokens: float = MAX_TOKENS) -> AsyncIterator[str]:
         """The prompt and its completion, as it grows."""
@@ -53,15 +68,9 @@ def build_page(service: Service) -> gr.Blocks:
             watch = service.watch([tokens], _sampling(seed, temperature, top_p), [min(int(max_tokens), room)])
         except (APIError, ValueError) as e:
             raise _fail(e) from None
-        text = prompt or ""
-        yield text
-        try:
-            async for change in watch.changes():
-                if change.delta is not None and change.delta.text:
-                    text += change.delta.text
-                    yield text
-        finally:
-            watch.cancel()
+        yield prompt or ""
+        async for text in _growing(watch, prompt or ""):
+            yield text
 
     async def chat(message: str, history: List[dict], system: str = "", temperature: float = TEMPERATURE,
                    top_p: float = TOP_P, max_tokens: float = MAX_TOKENS) -> AsyncIterator[str]:
@@ -75,14 +84,8 @@ def build_page(service: Service) -> gr.Blocks:
                                   decode_after=[])
         except (APIError, ValueError) as e:
             raise _fail(e) from None
-        text = ""
-        try:
-            async for change in watch.changes():
-                if change.delta is not None and change.delta.text:
-                    text += change.delta.text
-                    yield text
-        finally:
-            watch.cancel()
+        async for text in _growing(watch, ""):
+            yield text
 
     longest = service.max_seq_len - 1
     with gr.Blocks(title=f"llama: {service.model_name}", analytics_enabled=False) as page:

@@ -166,6 +166,16 @@ class Watch:
         if self._on_finish is not None:
             self._on_finish(c)
 
+    def error(self, index: int) -> Optional[BaseException]:
+        """Why completion `index` failed: the engine's death, or the request's own error."""
+        if self.failure is not None:
+            return self.failure
+        try:
+            self.completions[index].wait()  # done already: returns at once, raising the request's error
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            return e
+        return None
+
     def fail(self, error: BaseException) -> None:
         """(the loop's thread) The engine stopped for good: the completions still open end with `error`."""
         self.failure = error
