@@ -299,6 +299,7 @@ class Llama:
         seed: Optional[int] = None,
         decode_after: Optional[List[int]] = None,
         max_waiting: Optional[int] = None,
+        on_change: Optional[Callable[[], None]] = None,
     ) -> "Completion":
         """Queue one prompt and return at once: a `Completion` to iterate for its output as it comes, or
         to wait for. What a server calls from its request threads; under model parallelism only rank 0
@@ -306,11 +307,15 @@ class Llama:
 
         The arguments are those of `generate`. The text is decoded after `decode_after` (default: the
         prompt; a chat answer passes []). With `max_waiting`, a prompt that would make more than that
-        many requests wait for a slot raises llama.engine.QueueFull instead.
+        many requests wait for a slot raises llama.engine.QueueFull instead. `on_change`, if given, is
+        called whenever the request gets tokens or ends, from the engine's thread with its lock held: it
+        must return at once and not call into this object (an event loop's call_soon_threadsafe, say,
+        after which the loop reads `Completion.poll`), so that a server needs no thread per request.
         """
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
-                               stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True)
+                               stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True,
+                               on_change=on_change)
         return Completion(self, requests[0])
 
     def serve_forever(self) -> None:
@@ -329,7 +334,8 @@ class Llama:
     def _start(self, prompt_tokens: List[List[int]], contexts: Optional[List[List[int]]], max_gen_len: int,
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
-               max_waiting: Optional[int] = None, follow: bool = False) -> List[Request]:
+               max_waiting: Optional[int] = None, follow: bool = False,
+               on_change: Optional[Callable[[], None]] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None."""
@@ -354,7 +360,7 @@ class Llama:
                             text_context=None if contexts is None else list(contexts[i]), logprobs=logprobs,
                             prompt_stats=logprobs and echo, seed=base_seed + i, index=i, follow=follow)
                     for i, p in enumerate(prompt_tokens)]
-        self._submit(requests, max_waiting)
+        self._submit(requests, max_waiting, on_change)
         return requests
 
     def _agreed(self, check, same, what: str):
@@ -376,8 +382,10 @@ class Llama:
             self._spmd_call = None
             raise
 
-    def _submit(self, requests: List[Request], max_waiting: Optional[int] = None) -> None:
-        self.engine.submit(requests, self.engine.waiter(), max_waiting)
+    def _submit(self, requests: List[Request], max_waiting: Optional[int] = None,
+                on_change: Optional[Callable[[], None]] = None) -> None:
+        waiter = self.engine.waiter() if on_change is None else _Notifying(self.engine.lock, on_change)
+        self.engine.submit(requests, waiter, max_waiting)
 
     def _wait(self, requests: List[Request], text: bool = False, more: Optional[Callable[[], bool]] = None) -> None:
         """Wait until every request is done (with `text`, until one has text to pop, or `more()`); if one
@@ -517,6 +525,18 @@ class Delta(NamedTuple):
     logprobs: List[Optional[float]]
 
 
+class _Notifying(threading.Condition):
+    """A request's waiter that also calls `on_change` whenever the engine notifies it (see Llama.submit)."""
+
+    def __init__(self, lock, on_change: Callable[[], None]):
+        super().__init__(lock)
+        self._on_change = on_change
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        self._on_change()
+
+
 class Completion:
     """One submitted prompt (`Llama.submit`): iterate for its Deltas as they are generated, or `wait`.
     Dropping it, or `cancel`, frees its slot at the next step."""
@@ -564,17 +584,24 @@ class Completion:
         self._llama._wait([self.request])
         return self
 
+    def poll(self) -> Optional[Delta]:
+        """What arrived since the last Delta, without waiting: None when nothing did. Once `finish_reason`
+        is set, one more poll returns whatever is left."""
+        r = self.request
+        with self._llama.engine.lock:
+            text, tokens = r.stream.pop(), r.tokens[self._sent :]
+            logprobs = r.token_logprobs[self._sent :]
+            self._sent = len(r.tokens)
+        return Delta(text, tokens, logprobs) if text or tokens else None
+
     def __iter__(self) -> Iterator[Delta]:
         r = self.request
         try:
             while True:
                 self._llama._wait([r], text=True, more=lambda: len(r.tokens) > self._sent)
-                with self._llama.engine.lock:
-                    text, tokens = r.stream.pop(), r.tokens[self._sent :]
-                    logprobs = r.token_logprobs[self._sent :]
-                    self._sent = len(r.tokens)
-                if text or tokens:
-                    yield Delta(text, tokens, logprobs)
+                delta = self.poll()
+                if delta is not None:
+                    yield delta
                 elif r.done:
                     return
         finally:

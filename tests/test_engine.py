@@ -188,3 +188,17 @@ def test_two_processes_serving_threads_equal_one_process(tiny_ckpt2, g, solo, tm
 
 def _jsonable(x):
     return json.loads(json.dumps(x))
+
+
+def test_submit_calls_on_change_from_the_engine_and_poll_reads_without_waiting(g):
+    """What a server's event loop uses instead of a thread per request (llama.serve.watch)."""
+    prompt = g.tokenizer.encode("The cat", bos=True, eos=False)
+    expected = g.text_completion(["The cat"], temperature=0, max_gen_len=12)[0]["generation"]
+    calls, seen = [], []
+    c = g.submit(prompt, 12, temperature=0, on_change=lambda: calls.append(threading.get_ident()))
+    c.wait()
+    while (delta := c.poll()) is not None:
+        seen.append(delta)
+    assert "".join(d.text for d in seen) == c.text == expected
+    assert sum(len(d.tokens) for d in seen) == len(c.tokens) == 12
+    assert len(calls) >= 12 and threading.get_ident() not in calls  # once a step at least, from the driver

@@ -1,0 +1,147 @@
+"""The FastAPI app: the OpenAI routes, /health, /metrics, and the Gradio page at `/`.
+
+Guards, outermost first: CORS (only with `cors`), the request body limit (413 beyond
+`max_body_bytes`, for every path), then per route the API key (401). With an API key every /v1
+route and /metrics need `Authorization: Bearer KEY`, and the page asks for it at a login form (any
+user name, the key as password); /health stays open, for load balancers.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from llama.serve import api
+from llama.serve.errors import APIError
+from llama.serve.limits import BodyLimit, BodyTooLarge
+from llama.serve.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    api_key: Optional[str] = None
+    cors: bool = False
+    max_body_bytes: int = 1 << 20
+    page: bool = True
+
+
+def create_app(service: Service, config: ServeConfig) -> FastAPI:
+    app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)  # docs would load from a CDN
+    app.state.on_shutdown = []  # called in the server's loop as it stops (llama.serve.server.Server)
+    guard = _Guard(config.api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> Response:
+        return e.response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if service.ready:
+            return JSONResponse({"status": "ok", "model": service.model_name})
+        status = "failed" if service.failure is not None else "stopping" if service.stopping else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        guard.check(request)
+        engine = None if service.llama is None else service.llama.engine
+        return PlainTextResponse(service.metrics.render(engine, service.model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await _answer(service, request, guard, None, lambda body: _models(service))
+
+    @app.get("/v1/models/{name:path}")
+    async def model(request: Request, name: str) -> Response:
+        async def one(body):
+            _check_model(service, name)
+            return JSONResponse(_model_card(service))
+        return await _answer(service, request, guard, None, one)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _answer(service, request, guard, "body",
+                             lambda body: api.completions(service, request, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _answer(service, request, guard, "body",
+                             lambda body: api.chat_completions(service, request, body))
+
+    if config.page:
+        from llama.serve.page import mount_page  # gradio is a heavy import: only when the page is wanted
+
+        app.state.on_shutdown.append(mount_page(app, service, api_key=config.api_key))
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.cors:
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    return app
+
+
+class _Guard:
+    """The API key check, in constant time."""
+
+    def __init__(self, api_key: Optional[str]):
+        self._key = None if not api_key else f"Bearer {api_key}".encode()
+
+    def check(self, request: Request) -> None:
+        if self._key is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self._key):
+            raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _answer(service: Service, request: Request, guard: _Guard, body: Optional[str],
+                  handle: Callable[[Optional[dict]], Awaitable[Response]]) -> Response:
+    """Check the key, read the JSON body (with `body`), run `handle`; count the answer by status."""
+    try:
+        guard.check(request)
+        data = await _json(request) if body else None
+        if data is not None and data.get("model") is not None:
+            _check_model(service, data["model"])
+        response = await handle(data)
+    except APIError as e:
+        response = e.response()
+    service.metrics.response(request.url.path, response.status_code)
+    return response
+
+
+async def _json(request: Request) -> dict:
+    try:
+        raw = await request.body()
+    except BodyTooLarge as e:
+        raise APIError(413, str(e), code="body_too_large") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}): send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _check_model(service: Service, name) -> None:
+    if name != service.model_name:
+        raise APIError(404, f"the model {name!r} does not exist: this server serves {service.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _model_card(service: Service) -> dict:
+    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "llama"}
+
+
+async def _models(service: Service) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(service)]})

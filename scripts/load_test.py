@@ -1,0 +1,345 @@
+"""Serving speed over HTTP: N concurrent streaming clients against serve.py, against the same requests sent
+one at a time, and against `transformers serve --continuous-batching` on the same weights.
+
+    python scripts/load_test.py --ckpt_dir /tmp/stories260K --clients 1,4,16,64 --compare hf
+    python scripts/load_test.py --shape tinyllama-1.1b --dtype bf16 \
+        --tokenizer_path ../shared/assets/llama_tokenizer.model --clients 1,8 --max_tokens 16 --compare hf
+    python scripts/load_test.py --smoke       # tiny random weights, 1 and 4 clients, a few tokens: seconds
+
+Each server runs in its own process (the client's work must not share the server's interpreter
+lock), started here and stopped at the end; with --compare hf both are up at once, idle in turn.
+At each level N, N clients each send `--rounds` greedy streaming /v1/completions requests back to
+back, prompts of mixed lengths, on every server in turns, `--repeats` times (so the machine's
+drifting load hits them alike). The report gives, per level and server, medians over the repeats
+of total tokens per second (completion tokens, from each stream's usage, over the level's wall
+time), time to first token (p50, p99) and the gap between content chunks (p50, p99; a chunk may
+carry several tokens, `tokens_per_chunk`: see serve.py's --stream_interval), and ratios
+ours / other as median [min-max] over the repeats. "ours one at a time" sends the same requests
+sequentially; "hf" is `transformers serve --continuous-batching` on an HF folder (--hf_dir, or one
+written by scripts/convert_checkpoint.py --to hf). `overhead` compares one stream's time per token
+over HTTP (the servers otherwise idle) with the same request's in this process (Llama.submit), in
+turns: the HTTP and streaming cost per token as a fraction of a decode step. Absolute speeds drift
+with the machine's load: compare the ratios of one run. Progress goes to stderr, the JSON report
+to stdout.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import fire
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+_WORDS = ("once upon a time there was a little girl named lily she loved to play outside in the park with her "
+          "dog the sun was bright and the birds sang one day she found a big red ball under a tree").split()
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prompts(n: int, seed: int = 0) -> List[str]:
+    """n prompts of 2 to 24 words."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randrange(2, 25))).capitalize() for _ in range(n)]
+
+
+def _quantile(values: List[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming completion on a connection of its own: its timings, token count and text. A bare
+    HTTP/1.1 client (chunked transfer, SSE events), light enough that it leaves the CPU to the server."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    sent = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+    arrivals: List[float] = []
+    tokens, text = None, []
+    try:
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode().partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if b" 200 " not in status:
+            raise RuntimeError(f"{status.decode().strip()}: {(await reader.read(300))!r}")
+        if headers.get("transfer-encoding") != "chunked":
+            raise RuntimeError(f"expected a chunked stream, got the headers {headers}")
+        pending = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *events, pending = pending.split(b"\n\n")
+            now = time.perf_counter()
+            for event in events:
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue
+                chunk = json.loads(event[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"stream error: {chunk['error']}")
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text"):
+                        arrivals.append(now)
+                        text.append(choice["text"])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        writer.close()
+    return {"sent": sent, "arrivals": arrivals, "tokens": tokens, "text": "".join(text)}
+
+
+async def _level(url: str, model: str, texts: List[str], clients: int, max_tokens: int) -> dict:
+    """`clients` clients share out `texts` (client i sends texts i, i + clients, ...), each one at a time."""
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    results: List[Optional[dict]] = [None] * len(texts)
+
+    async def run(i: int) -> None:
+        for j in range(i, len(texts), clients):
+            results[j] = await _one(host, int(port), model, texts[j], max_tokens)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(run(i) for i in range(clients)))
+    return _summary(results, time.perf_counter() - start, clients)
+
+
+def _summary(results: List[dict], wall: float, clients: int) -> dict:
+    ttft = [r["arrivals"][0] - r["sent"] for r in results if r["arrivals"]]
+    gaps = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["tokens"] or len(r["arrivals"]) for r in results)
+    chunks = sum(len(r["arrivals"]) for r in results)
+    # after the first token, the rest of each stream: (last arrival - first arrival) / (its tokens - 1)
+    decode = [(r["arrivals"][-1] - r["arrivals"][0]) / ((r["tokens"] or len(r["arrivals"])) - 1)
+              for r in results if len(r["arrivals"]) > 1]
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_ms": {"p50": _quantile(ttft, 0.5) * 1e3, "p99": _quantile(ttft, 0.99) * 1e3},
+            "chunk_gap_ms": {"p50": _quantile(gaps, 0.5) * 1e3, "p99": _quantile(gaps, 0.99) * 1e3},
+            "tokens_per_chunk": tokens / max(chunks, 1),
+            "decode_s_per_token": statistics.median(decode) if decode else float("nan"),
+            "texts": [r["text"] for r in results]}
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the server did not come up:\n{log.read_text()[-3000:]}")
+
+
+class _Server:
+    """A server process, stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, cmd: List[str], port: int, log: Path, env: dict):
+        self.cmd, self.url, self.log, self.env = cmd, f"http://127.0.0.1:{port}", log, env
+
+    def __enter__(self) -> "_Server":
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        try:
+            _wait_healthy(self.proc, self.url, self.log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _compare(servers: Dict[str, "_Server"], models: Dict[str, str], levels: List[int], rounds: int, repeats: int,
+             max_tokens: int, serial: bool) -> Dict[str, dict]:
+    """Each level on every server in turns, `repeats` times (so that the machine's drifting load hits them
+    alike); medians per level, and ratios as median [min-max] over the repeats."""
+    for name, server in servers.items():  # every batch size comes by (with --compile, each compiles once)
+        progress(f"warm-up: {name}")
+        asyncio.run(_level(server.url, models[name], prompts(max(levels), seed=99), max(levels), min(max_tokens, 8)))
+    out: Dict[str, dict] = {}
+    for n in levels:
+        texts = prompts(n * rounds)
+        runs = {name: (server.url, models[name], n) for name, server in servers.items()}
+        if serial and n > 1:
+            runs["ours one at a time"] = (servers["ours"].url, models["ours"], 1)
+        samples: Dict[str, List[dict]] = {name: [] for name in runs}
+        for r in range(repeats):
+            for name, (url, model, clients) in runs.items():
+                progress(f"{n} client(s), {len(texts)} request(s), repeat {r + 1}/{repeats}: {name}")
+                samples[name].append(asyncio.run(_level(url, model, texts, clients, max_tokens)))
+        row = {name: _median_summary(rows) for name, rows in samples.items()}
+        ratios = {f"ours / {name}": _median_range([a["tok_s"] / b["tok_s"] for a, b in zip(samples["ours"], rows)])
+                  for name, rows in samples.items() if name != "ours"}
+        same = {f"{name}: same texts as ours": rows[-1]["texts"] == samples["ours"][-1]["texts"]
+                for name, rows in samples.items() if name != "ours"}
+        out[str(n)] = {**row, "ratios": ratios, **same}
+    return out
+
+
+def _median_summary(rows: List[dict]) -> dict:
+    def med(f):
+        return statistics.median(f(r) for r in rows)
+
+    return {"clients": rows[0]["clients"], "requests": rows[0]["requests"], "tokens": rows[0]["tokens"],
+            "tok_s": med(lambda r: r["tok_s"]),
+            "ttft_ms": {q: med(lambda r: r["ttft_ms"][q]) for q in ("p50", "p99")},
+            "chunk_gap_ms": {q: med(lambda r: r["chunk_gap_ms"][q]) for q in ("p50", "p99")},
+            "tokens_per_chunk": med(lambda r: r["tokens_per_chunk"])}
+
+
+def _median_range(values: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _with_tokenizer(ckpt_dir: str, tokenizer_path: str, out: Path) -> str:
+    """A folder of links to the checkpoint's files, with `tokenizer_path` as its tokenizer.model: random weights
+    of a named shape come with a small stand-in tokenizer, whose pieces do not cover the shape's vocabulary."""
+    out.mkdir()
+    for f in Path(ckpt_dir).iterdir():
+        if f.name != "tokenizer.model":
+            (out / f.name).symlink_to(f.resolve())
+    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return str(out)
+
+
+def _overhead(url: str, model: str, ckpt_dir: Optional[str], dtype: Optional[str], max_seq_len: int,
+              max_tokens: int, threads: Optional[int], compile: bool, rounds: int) -> dict:
+    """Seconds per token after the first of one greedy request, over HTTP (streamed, the server otherwise
+    idle) and in this process (Llama.submit, waited on), in turns; the median of their ratios, minus 1, is
+    the HTTP and streaming cost as a fraction of a decode step."""
+    import torch
+
+    from llama import Llama
+
+    if threads:
+        torch.set_num_threads(threads)
+    g = Llama.build(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=1, dtype=dtype, device="cpu", compile=compile)
+    text = prompts(1, seed=7)[0]
+    prompt = g.tokenizer.encode(text, bos=True, eos=False)
+    g.submit(prompt, 2, temperature=0).wait()  # warm-up
+    http, local = [], []
+    for _ in range(rounds):
+        one = asyncio.run(_level(url, model, [text], 1, max_tokens))
+        http.append(one["decode_s_per_token"])
+        start = time.perf_counter()
+        c = g.submit(prompt, max_tokens, temperature=0).wait()
+        local.append((time.perf_counter() - start - c.ttft) / max(len(c.tokens) - 1, 1))
+    ratios = [h / l_ for h, l_ in zip(http, local)]
+    return {"http_s_per_token": statistics.median(http), "in_process_s_per_token": statistics.median(local),
+            "fraction_of_a_step": statistics.median(ratios) - 1, "rounds": rounds}
+
+
+def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Optional[str] = None,
+         clients="1,4,16,64", rounds: int = 1, repeats: int = 3, max_tokens: int = 128, max_seq_len: int = 512,
+         compare: Optional[str] = None, hf_dir: Optional[str] = None, threads: Optional[int] = None,
+         serial: bool = True, compile: bool = False, tokenizer_path: Optional[str] = None, overhead_rounds: int = 3,
+         cache_dir: Optional[str] = None, smoke: bool = False) -> None:
+    if smoke:
+        clients, max_tokens, max_seq_len, compare, threads, repeats = (1, 4), 16, 128, None, 1, 1
+    levels = [int(c) for c in (clients if isinstance(clients, (list, tuple)) else str(clients).split(","))]
+    if compare not in (None, "hf"):
+        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
+    scratch = tempfile.TemporaryDirectory(prefix="llama-load-")
+    if shape is not None:
+        import torch
+
+        from benchmark import DEFAULT_CACHE, synthetic_checkpoint
+        from llama.distributed import resolve_dtype
+
+        ckpt_dir = str(synthetic_checkpoint(shape, resolve_dtype(dtype, torch.device("cpu")),
+                                            Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+    if ckpt_dir is None:  # the demo model, which the server and this process must share
+        from llama.tiny import make_tiny_checkpoint
+
+        ckpt_dir = str(make_tiny_checkpoint(Path(scratch.name) / "tiny"))
+    if tokenizer_path is not None:
+        ckpt_dir = _with_tokenizer(ckpt_dir, tokenizer_path, Path(scratch.name) / "ckpt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    report: dict = {"config": dict(ckpt_dir=ckpt_dir, dtype=dtype, compile=compile, clients=levels, rounds=rounds,
+                                   repeats=repeats, max_tokens=max_tokens, threads=threads, cpus=os.cpu_count())}
+    port = _free_port()
+    cmd = [sys.executable, "serve.py", "--port", str(port), "--max_batch_size", str(max(levels)), "--max_seq_len",
+           str(max_seq_len), "--max_queue", "4096", "--nopage", "--ckpt_dir", ckpt_dir]
+    cmd += ["--dtype", dtype] if dtype else []
+    cmd += ["--compile"] if compile else []
+    with contextlib.ExitStack() as stack:
+        progress("ours: " + " ".join(cmd[1:]))
+        servers = {"ours": stack.enter_context(_Server(cmd, port, Path(scratch.name) / "ours.log", env))}
+        models = {"ours": httpx.get(servers["ours"].url + "/v1/models").json()["data"][0]["id"]}
+        if compare == "hf":
+            hf_dir = hf_dir or _hf_folder(ckpt_dir, Path(scratch.name) / "hf", env)
+            port = _free_port()
+            progress("transformers: serve " + hf_dir)
+            servers["hf"] = stack.enter_context(_Server(_hf_command(hf_dir, port, levels, max_seq_len, dtype), port,
+                                                        Path(scratch.name) / "hf.log", env))
+            models["hf"] = hf_dir
+        report["levels"] = _compare(servers, models, levels, rounds, repeats, max_tokens, serial)
+        if overhead_rounds:
+            progress("one stream over HTTP and the same in this process, in turns, for the HTTP overhead")
+            report["overhead"] = _overhead(servers["ours"].url, models["ours"], ckpt_dir, dtype, max_seq_len,
+                                           max_tokens, threads, compile, overhead_rounds)
+    print(json.dumps(report, indent=2))
+
+
+def _hf_folder(ckpt_dir: str, out: Path, env: dict) -> str:
+    progress(f"writing the Hugging Face folder {out}")
+    subprocess.run([sys.executable, "scripts/convert_checkpoint.py", ckpt_dir, str(out), "--to", "hf"], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+    return str(out)
+
+
+def _hf_command(hf_dir: str, port: int, levels: List[int], max_seq_len: int, dtype: Optional[str]) -> List[str]:
+    """transformers serve with continuous batching, its paged cache sized for every client's longest request
+    (the default is sized for a GPU)."""
+    blocks = max(levels) * (max_seq_len + 32) // 32 + 1
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", hf_dir, "--host", "127.0.0.1", "--port",
+           str(port), "--device", "cpu", "--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks",
+           str(blocks), "--cb-max-batch-tokens", "256"]
+    hf_dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return cmd + (["--dtype", hf_dtypes.get(dtype, dtype)] if dtype else [])
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire(main)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible API, through the official `openai` client, on one server in a thread of this process.
+
+Answers are compared with a second Llama on the same weights that serves nothing (`ref`): over HTTP a
+request must get exactly what the library gives it alone.
+"""
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
+
+from llama import Llama  # noqa: E402
+from llama.serve import ServeConfig  # noqa: E402
+from llama.serve.server import serve_in_thread  # noqa: E402
+
+MODEL, MAX_SEQ_LEN, BODY_LIMIT, KEY = "tiny-test", 96, 64 * 1024, "sekret-key"
+PROMPTS = ["The cat", "A dog ran to the park", "Once", "The happy bird sang in the garden with a friend",
+           "Two", "One little fish", "The king and the queen", "A red ball"]
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_ckpt) -> Llama:
+    return Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    """4 slots: of 16 concurrent requests, most wait for one."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu")
+    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False, max_body_bytes=BODY_LIMIT)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(ref, prompt, n):
+    return ref.text_completion([prompt], temperature=0, max_gen_len=n)[0]["generation"]
+
+
+def stream_text(stream):
+    """The text and finish_reason of choice 0, and the usage, of a streamed answer."""
+    text, reason, usage = "", None, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            part = choice.text if hasattr(choice, "text") else choice.delta.content
+            text += part or ""
+            reason = choice.finish_reason or reason
+        usage = chunk.usage or usage
+    return text, reason, usage
+
+
+def test_completion_equals_the_library_with_usage(client, ref):
+    r = client.completions.create(model=MODEL, prompt="The cat", max_tokens=20, temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    assert r.choices[0].text == greedy(ref, "The cat", 20)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].index == 0
+    prompt_tokens = len(ref.tokenizer.encode("The cat", bos=True, eos=False))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt_tokens, 20, prompt_tokens + 20)
+    # max_tokens defaults to 16, as OpenAI's
+    assert client.completions.create(model=MODEL, prompt="The cat", temperature=0).usage.completion_tokens == 16
+
+
+def test_a_list_of_prompts_gets_a_choice_each(client, ref):
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [greedy(ref, p, 8) for p in PROMPTS[:3]]
+    assert r.usage.prompt_tokens == sum(len(ref.tokenizer.encode(p, bos=True, eos=False)) for p in PROMPTS[:3])
+
+
+def test_streaming_equals_the_whole_answer(client):
+    kwargs = dict(model=MODEL, prompt="A dog ran to the park", max_tokens=30, temperature=0)
+    whole = client.completions.create(**kwargs)
+    text, reason, usage = stream_text(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                **kwargs))
+    assert (text, reason) == (whole.choices[0].text, whole.choices[0].finish_reason)
+    assert usage.model_dump() == whole.usage.model_dump()
+    chat = dict(model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Tell me a story"}], max_tokens=25, temperature=0)
+    whole = client.chat.completions.create(**chat)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    text, reason, _ = stream_text(client.chat.completions.create(stream=True, **chat))
+    assert (text, reason) == (whole.choices[0].message.content, whole.choices[0].finish_reason)
+
+
+def test_chat_answers_in_the_checkpoint_format(client, ref):
+    dialog = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"},
+              {"role": "user", "content": "Tell me about the cat"}]
+    r = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=12, temperature=0)
+    expected = ref.chat_completion([dialog], temperature=0, max_gen_len=12)[0]["generation"]["content"]
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(ref.encode_dialog(dialog))
+    # content as a list of text parts, as newer clients send it
+    parts = [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "about the cat"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=dialog[:2] + [{"role": "user", "content": parts}],
+                                        max_tokens=12, temperature=0)
+    assert r2.choices[0].message.content == expected
+
+
+def test_stop_strings_cut_the_text_whole_and_streamed(client, ref):
+    full = greedy(ref, "The happy bird", 40)
+    stop = next(full[i : i + 2] for i in range(5, len(full) - 1) if full[i : i + 2].isalpha())
+    cut = full[: full.index(stop)]
+    for stops in (stop, ["zzzz", stop]):
+        r = client.completions.create(model=MODEL, prompt="The happy bird", max_tokens=40, temperature=0, stop=stops)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+        text, reason, _ = stream_text(client.completions.create(model=MODEL, prompt="The happy bird", max_tokens=40,
+                                                                temperature=0, stop=stops, stream=True))
+        assert (text, reason) == (cut, "stop")
+
+
+def test_a_seed_repeats_and_n_choices_take_the_next_seeds(client, ref):
+    kwargs = dict(model=MODEL, prompt="Once", max_tokens=16, temperature=1.0, top_p=0.95)
+    first = client.completions.create(seed=7, **kwargs).choices[0].text
+    assert client.completions.create(seed=7, **kwargs).choices[0].text == first
+    assert client.completions.create(seed=8, **kwargs).choices[0].text != first
+    assert first == ref.text_completion(["Once"], temperature=1.0, top_p=0.95, max_gen_len=16, seed=7)[0]["generation"]
+    two = client.completions.create(seed=7, n=2, **kwargs)
+    assert [c.text for c in two.choices] == [first, client.completions.create(seed=8, **kwargs).choices[0].text]
+    # top_k (an extension): top_k=1 is greedy whatever the temperature
+    r = client.completions.create(model=MODEL, prompt="Once", max_tokens=16, temperature=1.5, seed=3,
+                                  extra_body={"top_k": 1})
+    assert r.choices[0].text == greedy(ref, "Once", 16)
+
+
+def test_logprobs_of_the_chosen_tokens(client, ref):
+    prompt = ref.tokenizer.encode("The king", bos=True, eos=False)
+    tokens, logprobs = ref.generate([prompt], max_gen_len=10, temperature=0, logprobs=True)
+    r = client.completions.create(model=MODEL, prompt="The king", max_tokens=10, temperature=0, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(logprobs[0], abs=1e-4)
+    assert len(lp.tokens) == len(tokens[0]) and lp.text_offset[0] == 0
+    # streamed: the same log-probabilities, chunk by chunk
+    streamed = []
+    for chunk in client.completions.create(model=MODEL, prompt="The king", max_tokens=10, temperature=0, logprobs=1,
+                                           stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.token_logprobs
+    assert streamed == pytest.approx(logprobs[0], abs=1e-4)
+    # echo with max_tokens 0 scores the prompt: the log-probabilities of its tokens after the first
+    r = client.completions.create(model=MODEL, prompt="The king", max_tokens=0, echo=True, logprobs=0)
+    score = ref.score_tokens([(prompt[:1], prompt[1:])])[0]
+    assert r.choices[0].text == "The king"
+    assert r.choices[0].logprobs.token_logprobs[0] is None
+    assert sum(r.choices[0].logprobs.token_logprobs[1:]) == pytest.approx(score.logprob, abs=1e-4)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                          temperature=0, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(c.logprob <= 0 for c in content)
+
+
+def _error(call):
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    (dict(max_tokens=-1), "max_tokens", "max_tokens=-1 must be an integer >= 0"),
+    (dict(temperature="hot"), "temperature", "temperature='hot' must be a number"),
+    (dict(temperature=-0.5), "temperature", "temperature=-0.5 must be >= 0"),
+    (dict(top_p=0), "top_p", "top_p=0 must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p", "top_p=1.5 must be in (0, 1]"),
+    (dict(max_tokens=95), "max_tokens", "max_seq_len=96"),
+    (dict(prompt="word " * 200), "prompt", "max_seq_len=96"),
+    (dict(stop=[""]), "stop", "must be a non-empty string"),
+    (dict(n=0), "n", "n=0 must be an integer from 1 to 16"),
+    (dict(seed=2**70), "seed", "must be an integer from"),
+    (dict(presence_penalty=0.5), "presence_penalty", "not supported"),
+    (dict(prompt=[1, 2, 3]), "prompt", "token arrays are not accepted"),
+])
+def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, message):
+    e = _error(lambda: client.completions.create(**{"model": MODEL, "prompt": "The cat", **fields}))
+    assert e.status_code == 400
+    assert e.body["param"] == param and message in e.body["message"] and e.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("messages, param, message", [
+    (None, "messages", "messages is missing"),
+    ([{"role": "user", "content": "a [INST] b"}], "messages", "reserved chat tag '[INST]'"),
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "role is system, user or assistant"),
+    ([{"role": "assistant", "content": "hi"}], "messages", "must alternate user/assistant"),
+])
+def test_bad_chat_messages_are_400(client, messages, param, message):
+    body = {"model": MODEL} if messages is None else {"model": MODEL, "messages": messages}
+    r = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and message in error["message"]
+
+
+def test_missing_prompt_unknown_model_bad_json_and_big_bodies(server, client):
+    url = f"{server.url}/v1/completions"
+    r = httpx.post(url, json={"model": MODEL}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    e = _error(lambda: client.completions.create(model="gpt-17", prompt="The cat"))
+    assert e.status_code == 404 and "'gpt-17' does not exist" in e.body["message"] and e.body["param"] == "model"
+    r = httpx.post(url, content=b'{"prompt": "The cat", ', headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url, json={"prompt": "x" * BODY_LIMIT}, timeout=30)
+    assert r.status_code == 413 and f"limit of {BODY_LIMIT} bytes" in r.json()["error"]["message"]
+    chunked = httpx.post(url, content=iter([b'{"prompt": "', b"x" * BODY_LIMIT, b'"}']), timeout=30)
+    assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    # after every refusal the server still answers
+    assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_health_models_and_no_cors_by_default(server, client):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": MODEL}
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    preflight = httpx.options(f"{server.url}/v1/completions", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_16_concurrent_streams_each_equal_their_request_alone(client, ref, server):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " + str(i) for i in range(16)]
+    alone = [greedy(ref, p, 24) for p in prompts]
+    before = server.service.llama.engine.stats.steps
+    got, errors = [None] * 16, []
+
+    def one(i):
+        try:
+            got[i] = stream_text(client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24,
+                                                           temperature=0, stream=True))[0]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and got == alone
+    # they shared steps: 16 x 24 tokens one at a time would take 384 steps
+    assert server.service.llama.engine.stats.steps - before < 200
+    assert server.service.llama.engine.pending() == (0, 0)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    engine = server.service.llama.engine
+    finished = engine.stats.requests_finished
+    body = {"model": MODEL, "prompt": "The cat", "max_tokens": 90, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            assert engine.pending()[1] == 1
+    deadline = time.monotonic() + 10
+    while engine.pending() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.pending() == (0, 0) and engine.stats.requests_finished == finished + 1
+    after = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert after.status_code == 200
+
+
+def test_a_request_whose_logits_turn_nan_gets_a_500_and_the_others_go_on(server, client, ref):
+    g = server.service.llama
+    poison = g.tokenizer.encode("The king", bos=True, eos=False)[-1]
+
+    def nan_rows(module, inputs, output):  # rows that hold the poison token turn NaN
+        return output.masked_fill((inputs[0] == poison).any(-1)[:, None, None], float("nan"))
+
+    handle = g.model.tok_embeddings.register_forward_hook(nan_rows)
+    try:
+        e = _error(lambda: client.completions.create(model=MODEL, prompt="The king", max_tokens=5, temperature=0))
+        streamed = httpx.post(f"{server.url}/v1/completions", timeout=30, json={
+            "model": MODEL, "prompt": "The king", "max_tokens": 5, "stream": True}).text
+    finally:
+        handle.remove()
+    assert e.status_code == 500 and e.body["code"] == "engine_error" and "logits are NaN" in e.body["message"]
+    assert '"code":"engine_error"' in streamed and "logits are NaN" in streamed
+    assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=8, temperature=0).choices[0].text == \
+        greedy(ref, "The cat", 8)
+
+
+def _samples(text):
+    """{(name, frozenset of label pairs): value} of a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        if m:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
+    engine = server.service.llama.engine
+    model = frozenset({("model", MODEL)})
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    client.completions.create(model=MODEL, prompt="The cat", max_tokens=5, temperature=0)
+    _error(lambda: client.completions.create(model=MODEL, prompt="The cat", top_p=7))
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    after = _samples(response.text)
+    assert after[("llama_requests_submitted_total", model)] == before[("llama_requests_submitted_total", model)] + 1
+    assert after[("llama_generation_tokens_total", model)] == before[("llama_generation_tokens_total", model)] + 5
+    assert after[("llama_requests_submitted_total", model)] == engine.stats.requests_submitted
+    assert (after[("llama_requests_waiting", model)], after[("llama_requests_running", model)]) == (0, 0)
+    count = ("llama_time_to_first_token_seconds_count", model)
+    assert after[count] == before[count] + 1
+    assert after[("llama_time_to_first_token_seconds_bucket", model | {("le", "+Inf")})] == after[count]
+    bad = ("llama_http_responses_total", frozenset({("path", "/v1/completions"), ("status", "400")}))
+    assert after[bad] == before.get(bad, 0) + 1
+
+
+@pytest.fixture(scope="module")
+def locked(tiny_ckpt):
+    """A server with an API key and --cors."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False, api_key=KEY, cors=True)) as s:
+        yield s
+
+
+def test_the_api_key_guards_every_v1_route_and_metrics(locked):
+    body = {"model": MODEL, "prompt": "The cat", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                             ("GET", "/metrics")):
+            r = httpx.request(method, locked.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (path, headers)
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(locked.url + "/health").status_code == 200  # open, for load balancers
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=locked.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=locked.url + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(**body).usage.completion_tokens == 2
+    assert httpx.get(locked.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_cors_when_asked_for(locked):
+    preflight = httpx.options(f"{locked.url}/v1/completions", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "*"
+
+
+def test_stories260k_over_http_tells_its_published_story(stories_ckpt):
+    g = Llama.build(str(stories_ckpt), max_seq_len=128, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name="stories260K", config=ServeConfig(page=False)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = c.completions.create(model="stories260K", prompt="Once upon a time", max_tokens=20, temperature=0)
+    assert r.choices[0].text.startswith(", there was a little girl named Lily.")
+
+
+def test_if_the_engine_dies_the_stream_in_flight_gets_an_error_and_the_server_stops(tiny_ckpt):
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False), stream_interval=0) as s:
+        apply, steps = g.engine._apply, []
+
+        def breaking(results):  # a bug in the engine's step: its thread dies mid-stream
+            steps.append(1)
+            if len(steps) > 5:
+                raise RuntimeError("a bug in a step")
+            apply(results)
+
+        g.engine._apply = breaking
+        body = {"model": MODEL, "prompt": "The cat", "max_tokens": 80, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "a bug in a step" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == "engine_error"
+        assert not any(c["finish_reason"] for e in events[:-1] for c in e["choices"])
+        assert not s.service.ready and isinstance(s.service.failure, RuntimeError)
+        deadline = time.monotonic() + 10
+        while s._thread.is_alive() and time.monotonic() < deadline:  # the server goes down by itself
+            time.sleep(0.05)
+        assert not s._thread.is_alive()
