@@ -3,7 +3,7 @@
     python serve.py --ckpt_dir D [--tokenizer_path T] [--host 127.0.0.1] [--port 8000] [--max_batch_size 16] \
         [--max_seq_len 2048] [--api_key KEY] [--model_name NAME] [--max_queue 256] [--cors] [--nopage] \
         [--max_body_bytes 1048576] [--stream_interval 0.02] [--device cpu] [--dtype bf16] [--compile] \
-        [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] [--prefill_chunk 256]
+        [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] [--prefill_chunk 128]
     torchrun --nproc_per_node N serve.py --ckpt_dir D ...
     python serve.py                 # no --ckpt_dir: the tiny random-weight demo model
 
@@ -53,7 +53,7 @@ def main(
     dtype: Optional[str] = None,
     compile: bool = False,
     quantize: Optional[str] = None,
-    prefill_chunk: int = 256,
+    prefill_chunk: int = 128,
     lora: Optional[str] = None,
     chat_format: Optional[str] = None,
 ) -> None:

@@ -172,7 +172,7 @@ Rows = List[Tuple["Request", Optional[int]]]  # a step's requests: (request, pro
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, prefill_chunk: int = 256):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, prefill_chunk: int = 128):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size, self.max_seq_len = model.cache_shape

@@ -59,7 +59,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         compile: bool = False,
         quantize: Optional[str] = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 128,
         lora: Optional[str] = None,
         chat_format: Optional[str] = None,
         group_size: Optional[int] = None,
@@ -96,7 +96,7 @@ class Llama:
                                       compile=compile, quantize=quantize, lora=lora, group_size=group_size)
         return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format)
 
-    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 256,
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 128,
                  chat_format: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer

@@ -482,7 +482,7 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
-         concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 256,
+         concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 128,
          group_size: Optional[int] = None) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
