@@ -11,11 +11,13 @@ Only rank 0 prints. A bad flag or file ends every rank with a one-line error and
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 import tempfile
-from typing import Callable, List, Optional, Union
+import typing
+from typing import Callable, List, Optional, Set, Union
 
 import fire
 import torch
@@ -121,13 +123,42 @@ def run(argv: List[str]) -> int:
     return run_cli(main, collect_prompts(argv))
 
 
+def string_flags(entry: Callable[..., None]) -> Set[str]:
+    """The parameters of `entry` typed str or Optional[str]."""
+    hints = typing.get_type_hints(entry)
+    return {name for name in inspect.signature(entry).parameters if hints.get(name) in (str, Optional[str])}
+
+
+def keep_strings(entry: Callable[..., None], argv: List[str]) -> List[str]:
+    """Hand fire the values of `entry`'s string flags as Python literals of themselves.
+
+    fire parses every value as a literal, so `--api_key 'k#1'` would arrive as "k" (the rest read as a
+    comment) and `--model_name 0x1F` as 31.
+    """
+    names = string_flags(entry)
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if name in names and eq:
+            out.append(f"{flag}={value!r}")
+        elif name in names and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{flag}={argv[i + 1]!r}")
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
     """Run `entry` with fire on the flags in `argv`; a bad input ends every rank with exit status 1
     and a one-line error from rank 0."""
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
     try:
-        fire.Fire(entry, command=argv)
+        fire.Fire(entry, command=keep_strings(entry, argv))
     except (ValueError, TypeError, OSError, MemoryError, torch.cuda.OutOfMemoryError, RankError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

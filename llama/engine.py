@@ -213,7 +213,8 @@ class Engine:
             if self._stopped is not None:
                 raise EngineStopped(self._stopped)
             waiting = sum(not r.cancelled for r in self._waiting)
-            if max_waiting is not None and waiting + len(requests) > max_waiting:
+            free = sum(r is None for r in self._slots)  # taken at the next step: those requests never wait
+            if max_waiting is not None and waiting + len(requests) - free > max_waiting:
                 raise QueueFull(f"{waiting} requests are already waiting (the limit is {max_waiting}): retry later")
             now = time.perf_counter()
             for r in requests:
@@ -222,10 +223,10 @@ class Engine:
                     r.stream = TextStream(self.tokenizer, r.text_context, r.stop)
                 self.stats.requests_submitted += 1
                 self.stats.prompt_tokens += len(r.prompt)
+                self._by_id[r.id] = r
                 if r.max_new == 0 and not r.prompt_stats:
                     self._end(r, "length")  # nothing to compute
                     continue
-                self._by_id[r.id] = r
                 if self.leader:
                     self._waiting.append(r)
             self._wake.notify_all()

@@ -210,6 +210,11 @@ def test_missing_prompt_unknown_model_bad_json_and_big_bodies(server, client):
     assert r.status_code == 413 and f"limit of {BODY_LIMIT} bytes" in r.json()["error"]["message"]
     chunked = httpx.post(url, content=iter([b'{"prompt": "', b"x" * BODY_LIMIT, b'"}']), timeout=30)
     assert chunked.status_code == 413  # no Content-Length: counted as it arrives
+    r = httpx.post(url, content=b"[" * 5000, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"  # too deep for json.loads
+    r = httpx.post(url, content=b'{"prompt": "\\ud800 cat", "max_tokens": 2}',
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "surrogate" in r.text
     # after every refusal the server still answers
     assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=2).usage.completion_tokens == 2
 
@@ -247,21 +252,55 @@ def test_16_concurrent_streams_each_equal_their_request_alone(client, ref, serve
     assert server.service.llama.engine.pending() == (0, 0)
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
-    engine = server.service.llama.engine
-    finished = engine.stats.requests_finished
-    body = {"model": MODEL, "prompt": "The cat", "max_tokens": 90, "temperature": 0, "stream": True}
+@pytest.fixture(scope="module")
+def slow(tiny_ckpt):
+    """A server whose one step takes 20 ms: a request of 80 tokens runs for over a second."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    g.model.register_forward_hook(lambda *_: time.sleep(0.02))
+    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot(slow, stream, caplog):
+    engine = slow.service.llama.engine
+    finished, generated = engine.stats.requests_finished, engine.stats.generated_tokens
+    body = {"model": MODEL, "prompt": "The cat", "max_tokens": 80, "temperature": 0, "stream": stream}
     with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data: "))
-            assert engine.pending()[1] == 1
+        if stream:
+            with http.stream("POST", f"{slow.url}/v1/completions", json=body) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))
+                assert engine.pending()[1] == 1
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(f"{slow.url}/v1/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
     while engine.pending() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.pending() == (0, 0) and engine.stats.requests_finished == finished + 1
-    after = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False, "max_tokens": 3})
-    assert after.status_code == 200
+    assert engine.stats.generated_tokens - generated < 60  # cancelled, not run to its 80 tokens
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a client leaving is no error
+    after = httpx.post(f"{slow.url}/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+    assert after.status_code == 200  # and the server goes on
+
+
+def test_the_queue_bound_counts_only_requests_that_must_wait(tiny_ckpt):
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu")
+    with serve_in_thread(g, model_name=MODEL, max_queue=0, config=ServeConfig(page=False)) as s:
+        url = f"{s.url}/v1/completions"
+        r = httpx.post(url, json={"prompt": ["a", "b", "c", "d"], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4  # 4 free slots: nothing waits
+        r = httpx.post(url, json={"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # could never fit
+        assert "5 completions" in r.json()["error"]["message"] and "4 running + 0 waiting" in r.text
+
+
+def test_max_tokens_0_counts_as_finished(server):
+    stats = server.service.llama.engine.stats
+    submitted, finished = stats.requests_submitted, stats.requests_finished
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "The cat", "max_tokens": 0}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ""
+    assert (stats.requests_submitted - submitted, stats.requests_finished - finished) == (1, 1)
 
 
 def test_a_request_whose_logits_turn_nan_gets_a_500_and_the_others_go_on(server, client, ref):
@@ -313,6 +352,11 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     assert after[("llama_time_to_first_token_seconds_bucket", model | {("le", "+Inf")})] == after[count]
     bad = ("llama_http_responses_total", frozenset({("path", "/v1/completions"), ("status", "400")}))
     assert after[bad] == before.get(bad, 0) + 1
+    for name in ("made-up-1", "made-up-2"):  # a path a client makes up is counted by its route: no new series
+        assert httpx.get(f"{server.url}/v1/models/{name}").status_code == 404
+    series = _samples(httpx.get(f"{server.url}/metrics").text)
+    assert series[("llama_http_responses_total", frozenset({("path", "/v1/models/{name}"), ("status", "404")}))] == 2
+    assert not [key for key in series if "made-up" in str(key)]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from llama.serve.service import Service
 from llama.serve.watch import Change, Watch
 
 _UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+CLIENT_GONE = 499  # the status counted for a whole answer whose client left first (nobody reads it)
 _DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 
 
@@ -36,13 +37,17 @@ async def completions(service: Service, request: Request, body: dict) -> Respons
     params.refuse_unsupported(body, {**_UNSUPPORTED, "suffix": ""})
     texts = params.prompts(body)
     g = service.admit()
-    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    try:
+        prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    except ValueError as e:  # e.g. a lone surrogate
+        raise invalid(f"prompt: {e}", "prompt") from None
     max_new = [_max_new(g, len(p), sampling.max_tokens, "prompt") for p in prompts]
     watch = service.watch(prompts, sampling, max_new)
     answer = _Answer(g, service.model_name, "cmpl", "text_completion", sampling, prompts, texts)
     if sampling.stream:
         return _sse(answer.stream(watch))
-    await _wait(watch, request)
+    if not await _wait(watch, request):
+        return Response(status_code=CLIENT_GONE)
     return JSONResponse(answer.whole(watch))
 
 
@@ -63,7 +68,8 @@ async def chat_completions(service: Service, request: Request, body: dict) -> Re
     answer = _Answer(g, service.model_name, "chatcmpl", "chat.completion", sampling, [prompt], None)
     if sampling.stream:
         return _sse(answer.stream(watch))
-    await _wait(watch, request)
+    if not await _wait(watch, request):
+        return Response(status_code=CLIENT_GONE)
     return JSONResponse(answer.whole(watch))
 
 
@@ -82,16 +88,17 @@ def _max_new(g: Llama, prompt_len: int, max_tokens: Optional[int], what: str) ->
     return max_tokens
 
 
-async def _wait(watch: Watch, request: Request) -> List[Completion]:
-    """The watch's completions once done; cancelled if the client goes away first."""
+async def _wait(watch: Watch, request: Request) -> bool:
+    """Until the watch's completions are done (True), or the client went away (False: they are cancelled)."""
     task = asyncio.ensure_future(watch.wait())
     try:
         while True:
             done, _ = await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
             if done:
-                return task.result()
+                task.result()
+                return True
             if await request.is_disconnected():
-                raise asyncio.CancelledError
+                return False
     finally:
         task.cancel()
         watch.cancel()

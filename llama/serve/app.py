@@ -114,7 +114,11 @@ async def _answer(service: Service, request: Request, guard: _Guard, body: Optio
         response = await handle(data)
     except APIError as e:
         response = e.response()
-    service.metrics.response(request.url.path, response.status_code)
+    except Exception as e:  # noqa: BLE001 - a bug: still an OpenAI-shaped answer, and the server goes on
+        log.exception("%s %s failed", request.method, request.url.path)
+        response = APIError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
+    # The route's template (/v1/models/{name}), not the path a client made up: the series stay few.
+    service.metrics.response(getattr(request.scope.get("route"), "path_format", request.url.path), response.status_code)
     return response
 
 
@@ -125,7 +129,7 @@ async def _json(request: Request) -> dict:
         raise APIError(413, str(e), code="body_too_large") from None
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e}): send a JSON object",
                        code="invalid_json") from None
     if not isinstance(data, dict):

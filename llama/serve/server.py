@@ -89,18 +89,25 @@ def serve_rank0(build: Callable[[], Llama], service: Service, config: ServeConfi
             g.shutdown()
         else:
             service.start(g)
-            host, port = sock.getsockname()[:2]
-            log.info("ready: %s on http://%s:%d (the page at /, the OpenAI API at /v1)",
-                     service.model_name, host, port)
+            if service.stopping:  # the stop came while it started, and found no model to shut down
+                service.stop()
+            else:
+                host, port = sock.getsockname()[:2]
+                log.info("ready: %s on http://%s:%d (the page at /, the OpenAI API at /v1)",
+                         service.model_name, host, port)
         loaded.set()
 
-    threading.Thread(target=load, name="llama-load", daemon=True).start()
+    loading = threading.Thread(target=load, name="llama-load", daemon=True)
+    loading.start()
     server.run(sockets=[sock])
     service.stop()
+    if not loaded.is_set() and not errors:
+        # An interpreter that exits under a thread still in torch's C++ aborts; and under model parallelism the
+        # other ranks end only when the loaded model is shut down (load() does it).
+        log.info("stopped while the model was loading: exiting once the load ends")
+        loading.join()
     if errors:
         raise errors[0]
-    if not loaded.is_set():
-        raise RuntimeError("stopped while the model was loading")
     if service.failure is not None:
         raise SystemExit(1)
 

@@ -100,6 +100,11 @@ class Service:
         all of them, or none with the error."""
         g = self.admit()
         n = sampling.n
+        room = g.max_batch_size + self.max_queue
+        if len(prompts) * n > room:  # could never be admitted: a 429's "retry later" would be a lie
+            raise invalid(f"{len(prompts)} prompt(s) x n={n} make {len(prompts) * n} completions, more than this "
+                          f"server holds at once ({g.max_batch_size} running + {self.max_queue} waiting): send "
+                          "fewer in one request", "prompt" if len(prompts) > 1 else "n")
 
         def submit(i: int, k: int) -> Callable[[Callable[[], None]], Completion]:
             seed = None if sampling.seed is None else sampling.seed + i * n + k
