@@ -164,6 +164,7 @@ class Stats:
 
 
 _TTFT_KEPT = 1000
+MIN_KV_BUCKET = 128  # the fewest keys a compiled decode step reads (see kv_bucket)
 _IDLE_EXIT_S = 1.0  # a driver thread ends after this long without work
 # A follower waits in a broadcast while rank 0 is idle: only rank 0's exit (which breaks the
 # connection at once) or its shutdown should end that wait.
@@ -447,15 +448,16 @@ class Engine:
         slots = [r.slot for r in requests]
         rows += [(r, None) for r in requests]
         if self.model.compiled is not None:
-            # A compiled step has a fixed number of rows per bucket and reads the whole cache. Pad rows
-            # go to slots no real row uses, at the last position, which no live sequence has filled
-            # (prompts are shorter than max_seq_len), so every real row's cache stays intact.
+            # A compiled step has a fixed number of rows and a fixed kv_len per bucket. Pad rows go to
+            # slots no real row uses, at the last position, which no live sequence has filled (prompts
+            # are shorter than max_seq_len), so every real row's cache stays intact.
             bucket = next(b for b in self._buckets if b >= B)
             used = set(slots)
             spare = [s for s in range(self.max_batch_size) if s not in used][: bucket - B]
             grid = self._tensor([tokens + [0] * len(spare), positions + [self.max_seq_len - 1] * len(spare),
                                  slots + spare])  # one copy to the device for the three
-            return Forward(grid[0].view(-1, 1), grid[1].view(-1, 1), grid[2], self.max_seq_len, B, compiled=True)
+            kv_len = kv_bucket(max(positions) + 1, self.max_seq_len)
+            return Forward(grid[0].view(-1, 1), grid[1].view(-1, 1), grid[2], kv_len, B, compiled=True)
         slot_tensor = None if slots == list(range(B)) else self._tensor(slots)
         if all(p == positions[0] for p in positions):  # an int position: no mask to build
             return Forward(self._tensor(tokens).view(-1, 1), positions[0], slot_tensor, positions[0] + 1, B)
@@ -650,6 +652,13 @@ class Engine:
         box = [None]
         dist.broadcast_object_list(box, src=self._src, group=self._group)
         return _to_device(box[0], self.device)
+
+
+def kv_bucket(n: int, max_seq_len: int) -> int:
+    """The keys a compiled decode step reads when the furthest row needs n: a power of two, at least
+    MIN_KV_BUCKET, at most max_seq_len. Reading the whole cache instead would cost a step as much
+    attention at its first token as at its last (at max_seq_len 2048, most of a small model's step)."""
+    return min(max_seq_len, max(MIN_KV_BUCKET, 1 << (n - 1).bit_length()))
 
 
 def _buckets(max_batch_size: int) -> List[int]:

@@ -385,7 +385,7 @@ class Transformer(nn.Module):
 
     def compile_(self) -> "Transformer":
         """Compile `forward` for decode steps (prefill stays eager): the engine calls it with a fixed
-        number of rows per bucket and the whole cache under a mask, so it compiles once per bucket."""
+        number of rows and a fixed kv_len per bucket (see CompiledForward), so it compiles once per bucket."""
         # Every call reads the same modules: checking their guards would cost more than a small
         # model's whole step, so they are skipped (compile again after replacing a weight).
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -397,11 +397,7 @@ class Transformer(nn.Module):
             # CUDA graphs replay the step's kernels in one launch: a decode step is otherwise bound by
             # launching them one by one.
             options["triton.cudagraphs"] = True
-        # Dynamo keeps compiled graphs per code object, and without module guards two models
-        # (another dtype, another cache size) would share one: give each model its own copy.
-        code = Transformer.forward.__wrapped__.__code__.replace()  # the function inside inference_mode
-        forward = types.MethodType(types.FunctionType(code, globals(), "forward"), self)
-        self.compiled = torch.compile(forward, fullgraph=True, dynamic=False, options={**options})
+        self.compiled = CompiledForward(self, options)
         return self
 
     def setup_cache(
@@ -492,3 +488,26 @@ class Transformer(nn.Module):
         inference mode: the result takes no part in autograd."""
         return self.logits(self.hidden(tokens, input_pos, slots, kv_len))
 
+
+class CompiledForward:
+    """`Transformer.forward` compiled, one copy of its code per kv_len.
+
+    Dynamo keeps compiled graphs per code object, and recompiles one only so many times (its
+    recompile_limit, 8 by default): a copy per kv_len leaves each copy just the row buckets to hold.
+    Each model gets copies of its own too: without module guards, two models (another dtype,
+    another cache size) would otherwise share a graph.
+    """
+
+    def __init__(self, model: Transformer, options: Dict[str, object]):
+        self.model, self.options = model, options
+        self.by_kv_len: Dict[int, object] = {}
+
+    def __call__(self, tokens: torch.Tensor, input_pos: Positions, slots: Optional[torch.Tensor],
+                 kv_len: int) -> torch.Tensor:
+        forward = self.by_kv_len.get(kv_len)
+        if forward is None:
+            code = Transformer.forward.__wrapped__.__code__.replace()  # the function inside inference_mode
+            method = types.MethodType(types.FunctionType(code, globals(), "forward"), self.model)
+            forward = torch.compile(method, fullgraph=True, dynamic=False, options=dict(self.options))
+            self.by_kv_len[kv_len] = forward
+        return forward(tokens, input_pos, slots, kv_len)

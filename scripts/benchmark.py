@@ -25,7 +25,8 @@ JSON object) to stdout.
 tokens), each `generate` from its own thread, and compares the total tokens per second with the
 same requests sent one after another, and with --compare hf, transformers' own continuous batching
 (`LlamaForCausalLM.generate_batch`) on the same weights: as `generate_batch(inputs,
-generation_config)` runs by default, and with its paged cache sized for the requests. --prefill_gap L streams 8 greedy requests
+generation_config)` runs by default, and with its paged cache sized for the requests. --max_seq_len S
+gives the engine a longer cache than the requests need (as a server has). --prefill_gap L streams 8 greedy requests
 and, once they decode, sends a prompt of L tokens: it reports the streams' gaps between tokens
 (median, p99) before and while that prompt is prefilled, a chunk per step.
 """
@@ -393,7 +394,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         prompts = torch.randint(3, vocab, (B, prompt_len), generator=gen)
         for runner in runners:  # warm-up (and compilation) outside the timed rounds
             progress(f"batch {B}: warm-up {runner.name}")
-            runner.generate(prompts, min(gen_len, 4), [])
+            runner.generate(prompts, gen_len if compile else min(gen_len, 4), [])  # compiled: every kv bucket
         samples: Dict[str, list] = {r.name: [] for r in runners}
         for i in range(rounds):
             for runner in runners:  # alternate, so drifting machine load hits both alike
@@ -421,11 +422,11 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
 
 
 def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare, cache_dir, threads,
-               device, concurrency, prefill_gap, prefill_chunk, group_size=None) -> dict:
+               device, concurrency, prefill_gap, prefill_chunk, group_size=None, max_seq_len=None) -> dict:
     """The --concurrency and --prefill_gap reports (see the module docstring)."""
     ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
     n = concurrency or 8
-    max_seq_len = max(2 * prompt_len + 1, prefill_gap or 0) + gen_len + 1
+    max_seq_len = max(max(2 * prompt_len + 1, prefill_gap or 0) + gen_len + 1, max_seq_len or 0)
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=max_seq_len,
                             max_batch_size=max(n, 9), device=device, dtype=torch_dtype, compile=compile,
                             quantize=quantize, prefill_chunk=prefill_chunk, group_size=group_size)
@@ -483,12 +484,13 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
          concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 128,
-         group_size: Optional[int] = None) -> None:
+         group_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
     if concurrency is not None or prefill_gap is not None:
         report = run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare,
-                            cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk, group_size)
+                            cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk, group_size,
+                            max_seq_len)
         print(jsonlib.dumps(report, indent=2))
         return
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,

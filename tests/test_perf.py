@@ -46,6 +46,21 @@ def test_compiled_decode_gives_the_same_tokens(tiny_ckpt):
 
 
 @pytest.mark.slow
+def test_compiled_decode_reads_the_cache_in_growing_buckets(tiny_ckpt):
+    """A compiled step reads 128 keys, then 256 or max_seq_len (here 200), as the furthest row grows past
+    each: the tokens stay those of eager decoding, which reads exactly as many as it needs."""
+    kwargs = dict(max_seq_len=200, max_batch_size=2, device="cpu")
+    plain = Llama.build(str(tiny_ckpt), **kwargs)
+    compiled = Llama.build(str(tiny_ckpt), compile=True, **kwargs)
+    prompts = [[1] + [(7 * i) % 250 + 3 for i in range(118)], [1, 5, 9]]  # the first crosses 128 keys
+    expected = plain.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
+    got = compiled.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
+    assert got[0] == expected[0]
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-4, rtol=1e-4)
+    assert sorted(compiled.model.compiled.by_kv_len) == [128, 200]
+
+
+@pytest.mark.slow
 def test_two_compiled_models_do_not_share_a_graph(tiny_ckpt):
     """Module guards are skipped for speed, so each model needs its own compiled step: a second
     model with another dtype and cache size must not run the first model's graph."""
