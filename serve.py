@@ -69,11 +69,15 @@ def main(
 
                 log.warning(DEMO_WARNING)
                 path = make_tiny_checkpoint(os.path.join(scratch, "tiny"))
-            return Llama.build(
+            g = Llama.build(
                 ckpt_dir=str(path), tokenizer_path=str(tokenizer_path) if tokenizer_path else None,
                 max_seq_len=max_seq_len, max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
                 seed=seed, device=device, dtype=dtype, compile=compile, quantize=quantize,
                 prefill_chunk=prefill_chunk, lora=None if lora is None else str(lora), chat_format=chat_format)
+            if compile:  # before serving: a compilation in mid-service would stall every stream
+                log.info("compiling the decode step for every bucket of rows and keys")
+                log.info("compiled %d buckets", g.compile_all())
+            return g
 
     if env_rank() != 0:
         follow(build())

@@ -500,6 +500,25 @@ class Engine:
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
+    def compile_all(self) -> int:
+        """(every rank alike, while no request runs) Compile the decode step for every bucket of rows and
+        of keys now, rather than on first use in the middle of other requests' steps; returns how many.
+        Each runs once on pad rows, which write only at the last position (see _plan_decode)."""
+        if self.model.compiled is None:
+            return 0
+        with self._lock:
+            if self._busy():
+                raise RuntimeError("compile_all runs before any request: requests are running")
+        S = self.max_seq_len
+        lengths = sorted({kv_bucket(n, S) for n in range(1, S + 1)})
+        for kv_len in lengths:
+            for rows in self._buckets:
+                # made as a step makes them (outside inference mode), so that the step finds the same graph
+                grid = self._tensor([[0] * rows, [S - 1] * rows, list(range(rows))])
+                with torch.inference_mode():
+                    self.model.compiled(grid[0].view(-1, 1), grid[1].view(-1, 1), grid[2], kv_len)
+        return len(lengths) * len(self._buckets)
+
     @torch.inference_mode()
     def _run(self, plan: Plan) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(every rank, no lock) The step's forwards: decode logits (rows, vocab) and the selected prefill

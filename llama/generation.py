@@ -324,6 +324,11 @@ class Llama:
         runs rank 0's steps and returns once rank 0 shuts down."""
         self.engine.serve_forever()
 
+    def compile_all(self) -> int:
+        """With compile=True: compile the decode step for every bucket now (on every rank alike, before
+        any request), so that no request waits for a compilation later; returns how many."""
+        return self.engine.compile_all()
+
     def shutdown(self) -> None:
         """Stop serving: queued and running requests end (finish_reason "cancelled"), new calls are refused,
         and the other ranks' serve_forever returns."""

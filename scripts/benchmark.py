@@ -382,6 +382,10 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     runners = [Ours(Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), compile=compile,
                                 **build_kwargs, **mode_kwargs(mode)),
                     "ours" if len(modes) == 1 else f"ours:{mode or 'none'}") for mode in modes]
+    for runner in runners:
+        compiles = runner.generator.compile_all()  # every bucket now, outside the timed rounds
+        if compiles:
+            progress(f"{runner.name}: compiled the decode step for {compiles} buckets")
     ours = runners[0]
     if compare == "hf":
         progress("building transformers' LlamaForCausalLM on the same weights")
@@ -394,7 +398,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         prompts = torch.randint(3, vocab, (B, prompt_len), generator=gen)
         for runner in runners:  # warm-up (and compilation) outside the timed rounds
             progress(f"batch {B}: warm-up {runner.name}")
-            runner.generate(prompts, gen_len if compile else min(gen_len, 4), [])  # compiled: every kv bucket
+            runner.generate(prompts, min(gen_len, 4), [])
         samples: Dict[str, list] = {r.name: [] for r in runners}
         for i in range(rounds):
             for runner in runners:  # alternate, so drifting machine load hits both alike
@@ -430,6 +434,7 @@ def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, qua
     generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=max_seq_len,
                             max_batch_size=max(n, 9), device=device, dtype=torch_dtype, compile=compile,
                             quantize=quantize, prefill_chunk=prefill_chunk, group_size=group_size)
+    generator.compile_all()  # every bucket now, outside the timed rounds
     report = {"config": dict(ckpt_dir=ckpt_dir, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
                              quantize=quantize, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
                              threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device))}

@@ -189,9 +189,9 @@ def _compare(servers: Dict[str, "_Server"], models: Dict[str, str], levels: List
              max_tokens: int, serial: bool) -> Dict[str, dict]:
     """Each level on every server in turns, `repeats` times (so that the machine's drifting load hits them
     alike); medians per level, and ratios as median [min-max] over the repeats."""
-    for name, server in servers.items():  # every batch size and length comes by (with --compile, each compiles once)
+    for name, server in servers.items():  # every batch size comes by (serve.py --compile compiles its buckets first)
         progress(f"warm-up: {name}")
-        asyncio.run(_level(server.url, models[name], prompts(max(levels), seed=99), max(levels), max_tokens))
+        asyncio.run(_level(server.url, models[name], prompts(max(levels), seed=99), max(levels), min(max_tokens, 8)))
     out: Dict[str, dict] = {}
     for n in levels:
         texts = prompts(n * rounds)

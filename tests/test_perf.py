@@ -2,6 +2,7 @@
 sequence's own logits."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import random_model
 from llama import Llama
@@ -48,16 +49,20 @@ def test_compiled_decode_gives_the_same_tokens(tiny_ckpt):
 @pytest.mark.slow
 def test_compiled_decode_reads_the_cache_in_growing_buckets(tiny_ckpt):
     """A compiled step reads 128 keys, then 256 or max_seq_len (here 200), as the furthest row grows past
-    each: the tokens stay those of eager decoding, which reads exactly as many as it needs."""
+    each: the tokens stay those of eager decoding, which reads exactly as many as it needs. compile_all
+    compiles every bucket up front."""
     kwargs = dict(max_seq_len=200, max_batch_size=2, device="cpu")
     plain = Llama.build(str(tiny_ckpt), **kwargs)
     compiled = Llama.build(str(tiny_ckpt), compile=True, **kwargs)
     prompts = [[1] + [(7 * i) % 250 + 3 for i in range(118)], [1, 5, 9]]  # the first crosses 128 keys
+    assert compiled.compile_all() == 4  # (1 or 2 rows) x (128 or 200 keys), before any request
+    assert sorted(compiled.model.compiled.by_kv_len) == [128, 200]
+    graphs = counters["stats"]["unique_graphs"]
     expected = plain.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
     got = compiled.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
     assert got[0] == expected[0]
     torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-4, rtol=1e-4)
-    assert sorted(compiled.model.compiled.by_kv_len) == [128, 200]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing left to compile
 
 
 @pytest.mark.slow
