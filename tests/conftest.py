@@ -7,6 +7,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import settings
 
 from llama import Llama, ModelArgs, Transformer
@@ -102,3 +103,33 @@ def random_model(seed: int = 0, max_seq_len: int = 64, max_batch_size: int = 4, 
     model.load_state_dict(sd)
     model.setup_cache()
     return model.eval().requires_grad_(False), sd
+
+
+def resident_bytes(key: str) -> int:
+    """This process's VmRSS (resident now) or VmHWM (the peak) from /proc/self/status, in bytes."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def restart_peak_rss() -> int:
+    """Restart the peak resident size (VmHWM) from the current one, which it returns; skip off Linux."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    return resident_bytes("VmRSS")
+
+
+def teacher_forced(ref, q, what: str):
+    """Llama `q` against `ref` on ref's greedy story from BOS (over 200 tokens): top-1 agreement, the
+    perplexity ratio q / ref, and both models' logits."""
+    story, _ = ref.generate([[ref.tokenizer.bos_id]], max_gen_len=255, temperature=0)
+    tokens = torch.tensor([[ref.tokenizer.bos_id] + story[0]])
+    assert tokens.shape[1] > 200
+    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
+    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
+    targets = tokens[0, 1:]
+    ppl_ref = F.cross_entropy(ref_logits, targets).exp().item()
+    ppl_q = F.cross_entropy(q_logits, targets).exp().item()
+    print(f"{what} top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs {ppl_ref:.4f}")
+    return agreement, ppl_q / ppl_ref, ref_logits, q_logits

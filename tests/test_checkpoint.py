@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_python, torchrun
+from conftest import resident_bytes, restart_peak_rss, run_python, torchrun
 from dist_worker import PROMPTS
 from llama import Llama, ModelArgs
 from llama.checkpoint import (assemble, full_shapes, load_shard, release_pages, split_state_dict, write_checkpoint,
@@ -71,10 +71,6 @@ def test_released_pages_still_read_back(tmp_path):
     assert torch.equal(t, copy)
 
 
-def resident_bytes(key: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
-
 def test_loading_holds_one_copy_of_the_weights(tmp_path, tiny_ckpt):
     """Peak resident memory of Llama.build over the weights it loads, for a bf16 checkpoint whose
     largest tensor (the output matrix, 134 MB) is half of it. Holding that tensor's file pages
@@ -85,12 +81,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, tiny_ckpt):
              for name, shape in full_shapes(ModelArgs.from_params(params)).items()}
     write_checkpoint(tmp_path / "ckpt", params, state, tokenizer_path=tiny_ckpt / "tokenizer.model")
     del state
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # restart the peak (VmHWM) from the current resident size
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs")
-    before = resident_bytes("VmRSS")
+    before = restart_peak_rss()
     model = build(tmp_path / "ckpt", device="cpu", dtype="bf16").model
     ratio = (resident_bytes("VmHWM") - before) / sum(p.nbytes for p in model.parameters())
     assert ratio < 1.1

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import run_python, torchrun
+from conftest import resident_bytes, restart_peak_rss, run_python, teacher_forced, torchrun
 from llama import Llama, ModelArgs
 from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_checkpoint, write_meta
 from llama.errors import CheckpointError
@@ -16,7 +15,6 @@ from llama.hf import write_hf
 from llama.loading import open_checkpoint
 from llama.quantize import (CPUInt4Kernel, Int4Linear, Int8Linear, dequantize_int4, int4_kernel, pack_nibbles, plan,
                             quantize_int4, quantize_state_dict, unpack_nibbles, weight_bytes)
-from test_checkpoint import resident_bytes
 
 PROMPT = [1, 5, 9, 200, 31, 7, 64]
 
@@ -114,17 +112,9 @@ def test_int4_stories260k_quality(stories_ckpt, group_size, caplog):
     ffn = q.model.layers[0].feed_forward
     assert isinstance(ffn.w13, Int4Linear) and ffn.w13.group_size == (group_size or 64) and ffn.w13.kernel.name == "cpu"
     assert isinstance(ffn.w2, Int8Linear) and isinstance(q.model.output, Int4Linear)
-    story, _ = ref.generate([[ref.tokenizer.bos_id]], max_gen_len=255, temperature=0)
-    tokens = torch.tensor([[ref.tokenizer.bos_id] + story[0]])
-    assert tokens.shape[1] > 200
-    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
-    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
-    targets = tokens[0, 1:]
-    ppl_ref = F.cross_entropy(ref_logits, targets).exp().item()
-    ppl_q = F.cross_entropy(q_logits, targets).exp().item()
-    print(f"int4 (group size {group_size}) top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs {ppl_ref:.4f}")
+    agreement, ppl_ratio, _, _ = teacher_forced(ref, q, f"int4 (group size {group_size})")
     assert agreement >= 0.88
-    assert abs(ppl_q / ppl_ref - 1) <= 0.08
+    assert abs(ppl_ratio - 1) <= 0.08
     assert weight_bytes(q.model) < 0.3 * weight_bytes(ref.model)  # 4-bit linears, 8-bit w2, the float32 embedding
 
 
@@ -185,12 +175,7 @@ def test_loading_an_int4_checkpoint_holds_one_copy_of_its_bytes(tmp_path, tiny_c
     # The state's tensors were small enough for the heap: hand their pages back, or the load reuses them
     # unseen and the peak reads low.
     ctypes.CDLL(None).malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # restart the peak (VmHWM) from the current resident size
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs")
-    before = resident_bytes("VmRSS")
+    before = restart_peak_rss()
     model = Llama.build(str(tmp_path / "ckpt"), max_seq_len=16, max_batch_size=1, device="cpu").model
     assert model.layers[0].feed_forward.w13.kernel.name == "cpu"
     ratio = (resident_bytes("VmHWM") - before) / weight_bytes(model)

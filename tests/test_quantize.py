@@ -3,9 +3,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import run_python, torchrun
+from conftest import run_python, teacher_forced, torchrun
 from llama import Llama
 
 PROMPT = [1, 5, 9, 200, 31, 7, 64]
@@ -20,17 +19,9 @@ def test_int8_stories260k_quality(stories_ckpt):
     """Teacher-forced on the float32 model's greedy story: top-1 agreement >= 97%, perplexity within 2%."""
     ref, q = _build(stories_ckpt), _build(stories_ckpt, quantize="int8")
     assert q.model.layers[0].feed_forward.w13.weight.dtype == torch.int8
-    story, _ = ref.generate([[ref.tokenizer.bos_id]], max_gen_len=255, temperature=0)
-    tokens = torch.tensor([[ref.tokenizer.bos_id] + story[0]])
-    assert tokens.shape[1] > 200
-    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
-    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
-    targets = tokens[0, 1:]
-    ppl_ref = F.cross_entropy(ref_logits, targets).exp().item()
-    ppl_q = F.cross_entropy(q_logits, targets).exp().item()
-    print(f"int8 top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs float32 {ppl_ref:.4f}")
+    agreement, ppl_ratio, ref_logits, q_logits = teacher_forced(ref, q, "int8")
     assert agreement >= 0.97
-    assert abs(ppl_q / ppl_ref - 1) <= 0.02
+    assert abs(ppl_ratio - 1) <= 0.02
     assert not torch.equal(q_logits, ref_logits)  # it really is another model
 
 
