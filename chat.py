@@ -70,6 +70,8 @@ def main(
     chat_format: Optional[str] = None,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     if not isinstance(max_gen_len, int) or not 0 < max_gen_len < max_seq_len:
         raise ValueError(f"max_gen_len={max_gen_len!r} must be a positive integer below max_seq_len={max_seq_len}")
@@ -86,6 +88,8 @@ def main(
         chat_format=chat_format,
         quantize=quantize,
         group_size=group_size,
+        kv_cache_tokens=kv_cache_tokens,
+        prefix_cache=prefix_cache,
     )
     system = None if system is None else str(system)
     history: Dialog = []

@@ -54,6 +54,8 @@ def main(
     quantize: Optional[str] = None,
     lora: Optional[str] = None,
     group_size: Optional[int] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     prompts = [str(p) for p in (prompts if prompts is not None else DEFAULT_PROMPTS)]
     with tempfile.TemporaryDirectory(prefix="llama-demo-") as scratch:
@@ -77,6 +79,8 @@ def main(
             quantize=quantize,
             lora=None if lora is None else str(lora),
             group_size=group_size,
+            kv_cache_tokens=kv_cache_tokens,
+            prefix_cache=prefix_cache,
         )
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
     if stream:  # one prompt at a time, so each prints as it is written

@@ -3,7 +3,8 @@
     python serve.py --ckpt_dir D [--tokenizer_path T] [--host 127.0.0.1] [--port 8000] [--max_batch_size 16] \
         [--max_seq_len 2048] [--api_key KEY] [--model_name NAME] [--max_queue 256] [--cors] [--nopage] \
         [--max_body_bytes 1048576] [--stream_interval 0.02] [--device cpu] [--dtype bf16] [--compile] \
-        [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] [--prefill_chunk 128]
+        [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] [--prefill_chunk 128] \
+        [--kv_cache_tokens N] [--noprefix_cache]
     torchrun --nproc_per_node N serve.py --ckpt_dir D ...
     python serve.py                 # no --ckpt_dir: the tiny random-weight demo model
 
@@ -56,6 +57,8 @@ def main(
     prefill_chunk: int = 128,
     lora: Optional[str] = None,
     chat_format: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     api_key = os.environ.get("LLAMA_API_KEY") if api_key is None else str(api_key)
     check_server_flags(str(host), port, max_queue, max_body_bytes, stream_interval, api_key)
@@ -73,7 +76,8 @@ def main(
                 ckpt_dir=str(path), tokenizer_path=str(tokenizer_path) if tokenizer_path else None,
                 max_seq_len=max_seq_len, max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
                 seed=seed, device=device, dtype=dtype, compile=compile, quantize=quantize,
-                prefill_chunk=prefill_chunk, lora=None if lora is None else str(lora), chat_format=chat_format)
+                prefill_chunk=prefill_chunk, lora=None if lora is None else str(lora), chat_format=chat_format,
+                kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
             if compile:  # before serving: a compilation in mid-service would stall every stream
                 log.info("compiling the decode step for every bucket of rows and keys")
                 log.info("compiled %d buckets", g.compile_all())
