@@ -146,7 +146,7 @@ def messages(body: dict) -> List[Dict[str, str]]:
         raise invalid("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
     dialog = []
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise invalid(f"messages[{i}] must be an object whose role is system, user or assistant",
                           f"messages[{i}].role")
         dialog.append({"role": _ROLES[m["role"]], "content": _content(m.get("content"), i)})
