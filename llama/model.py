@@ -101,7 +101,8 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             _check_positive_finite("ffn_dim_multiplier", self.ffn_dim_multiplier)
         if self.norm_eps >= 1:
-            raise ValueError(f"norm_eps={self.norm_eps!r} must be below 1 (real models use 1e-5 or 1e-6): fix params.json")
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be below 1 (real models use 1e-5 or 1e-6): "
+                             "fix params.json")
         if not isinstance(self.use_scaled_rope, bool):
             raise ValueError(f"use_scaled_rope={self.use_scaled_rope!r} must be true or false: fix params.json")
         if self.rope_high_freq_factor <= self.rope_low_freq_factor:

@@ -71,7 +71,8 @@ class Throttle:
 
     def __init__(self, free: int = 5, first_s: float = 1.0, max_s: float = 60.0, forget_s: float = 600.0,
                  max_clients: int = 10_000):
-        self.free, self.first_s, self.max_s, self.forget_s, self.max_clients = free, first_s, max_s, forget_s, max_clients
+        self.free, self.first_s, self.max_s = free, first_s, max_s
+        self.forget_s, self.max_clients = forget_s, max_clients
         self._lock = threading.Lock()
         self._clients: "OrderedDict[str, Tuple[int, float, float]]" = OrderedDict()  # failures, last, blocked until
 
