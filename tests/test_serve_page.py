@@ -12,11 +12,9 @@ import pytest
 pytest.importorskip("gradio", reason="the page tests need the serve extra: pip install -e '.[serve]'")
 gradio_client = pytest.importorskip("gradio_client")
 
-import llama.serve.page  # noqa: E402
 from conftest import PROBE, probe  # noqa: E402
 from llama import Llama  # noqa: E402
-from llama.serve import ServeConfig  # noqa: E402
-from llama.serve.page import MAX_HISTORY, _fit, chat_prompt  # noqa: E402
+from llama.serve import ServeConfig, page  # noqa: E402
 from llama.serve.server import serve_in_thread  # noqa: E402
 
 MAX_SEQ_LEN, KEY = 256, "page-key"
@@ -82,6 +80,7 @@ def test_chat_answers_with_the_system_prompt_turn_after_turn(server, ref):
 
 
 def test_chat_drops_the_oldest_exchanges_that_no_longer_fit(ref):
+    _fit = page._fit
     words = "the cat sat on the mat " * 6
     dialog = [{"role": "system", "content": "Be brief."}]
     for i in range(6):
@@ -115,7 +114,7 @@ def conversation(n_exchanges, system=True, words=lambda i: "the cat sat " * (i %
                                                    (30, False, 1), (30, True, 120), (200, True, 60)])
 def test_fit_keeps_what_dropping_one_exchange_at_a_time_keeps(ref, n, system, max_tokens):
     dialog = conversation(n, system)
-    assert _fit(ref, dialog, max_tokens) == fit_by_dropping(ref, dialog, max_tokens)
+    assert page._fit(ref, dialog, max_tokens) == fit_by_dropping(ref, dialog, max_tokens)
 
 
 def test_fitting_a_long_chat_encodes_only_its_newest_part(ref, monkeypatch):
@@ -130,28 +129,29 @@ def test_fitting_a_long_chat_encodes_only_its_newest_part(ref, monkeypatch):
         return encode(d)
 
     monkeypatch.setattr(ref, "encode_dialog", counting)
-    assert _fit(ref, dialog, 40) == expected
+    assert page._fit(ref, dialog, 40) == expected
     assert encoded[0] <= 1000
 
 
-def test_the_page_keeps_at_most_MAX_HISTORY_messages(ref):
-    history = [{"role": r, "content": "hi"} for _ in range(MAX_HISTORY // 2) for r in ("user", "assistant")]
-    assert chat_prompt(ref, "", history, "next", 20) == _fit(ref, history + [{"role": "user", "content": "next"}], 20)
-    with pytest.raises(ValueError, match=f"the conversation holds {MAX_HISTORY + 2} messages, more than the page "
-                                         f"keeps \\({MAX_HISTORY}\\): clear it and start a new one"):
-        chat_prompt(ref, "", history + history[:2], "next", 20)
+def test_the_page_keeps_at_most_1000_messages_of_a_chat(ref):
+    history = [{"role": r, "content": "hi"} for _ in range(500) for r in ("user", "assistant")]
+    assert page.chat_prompt(ref, "", history, "next", 20) == page._fit(
+        ref, history + [{"role": "user", "content": "next"}], 20)
+    with pytest.raises(ValueError, match="the conversation holds 1002 messages, more than the page keeps \\(1000\\): "
+                                         "clear it and start a new one"):
+        page.chat_prompt(ref, "", history + history[:2], "next", 20)
 
 
 def test_a_chat_is_prepared_off_the_event_loop(server, monkeypatch):
     """Issue 18, item 2: fitting a long history ran in the event loop, stalling every client's /health."""
-    entered, release, prepare = threading.Event(), threading.Event(), chat_prompt
+    entered, release, prepare = threading.Event(), threading.Event(), page.chat_prompt
 
     def slow(*args):
         entered.set()
         release.wait(timeout=20)
         return prepare(*args)
 
-    monkeypatch.setattr(llama.serve.page, "chat_prompt", slow)
+    monkeypatch.setattr(page, "chat_prompt", slow)
     answers = []
     chat = threading.Thread(target=lambda: answers.append(gradio_client.Client(server.url, verbose=False).predict(
         "hello", "", 0, 0.9, 3, api_name="/chat")))
