@@ -18,13 +18,13 @@ MAX_STOP_CHARS = 256
 def check_stop(stop: Union[str, Sequence[str], None]) -> List[str]:
     """`stop` as a list of at most MAX_STOPS non-empty strings of at most MAX_STOP_CHARS characters."""
     if stop is not None and not isinstance(stop, (str, list, tuple)):
-        raise ValueError(f"stop must be a non-empty string or a list of them, not {type(stop).__name__}")
+        raise ValueError(f"stop={_short(stop)} must be a non-empty string or a list of them")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS:
         raise ValueError(f"stop holds {len(stops)} strings: at most {MAX_STOPS} stop strings are allowed; send fewer")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop={_short(stop)} must be a non-empty string or a list of them")
     for i, s in enumerate(stops):
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop[{i}]={_short(s)} must be a non-empty string (stop is a string or a list of them)")
         if len(s) > MAX_STOP_CHARS:
             raise ValueError(f"stop[{i}] is {len(s)} characters long: a stop string may have at most "
                              f"{MAX_STOP_CHARS}; shorten it")

@@ -184,7 +184,8 @@ def _error(call):
     (dict(stop=[""]), "stop", "must be a non-empty string"),
     (dict(stop=["x"] * 17), "stop", "stop holds 17 strings: at most 16 stop strings are allowed"),
     (dict(stop=["ok", "x" * 257]), "stop", "stop[1] is 257 characters long: a stop string may have at most 256"),
-    (dict(stop={"a": 1}), "stop", "stop must be a non-empty string or a list of them, not dict"),
+    (dict(stop={"a": 1}), "stop", "stop={'a': 1} must be a non-empty string or a list of them"),
+    (dict(stop=["ok", "y" * 500, 7]), "stop", "stop=['ok', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyy... must be"),  # cut short
     (dict(n=0), "n", "n=0 must be an integer from 1 to 16"),
     (dict(seed=2**70), "seed", "must be an integer from"),
     (dict(presence_penalty=0.5), "presence_penalty", "not supported"),

@@ -76,8 +76,6 @@ def boolean(body: dict, name: str, default: bool = False) -> bool:
 def stop_strings(body: dict) -> List[str]:
     """`stop`: a string or a list of them, bounded in number and length (llama.text.check_stop)."""
     v = body.get("stop")
-    if v is not None and not isinstance(v, (str, list)):
-        raise invalid(f"stop must be a non-empty string or a list of them, not {type(v).__name__}", "stop")
     try:
         return check_stop(v)
     except ValueError as e:
