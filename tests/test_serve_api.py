@@ -319,7 +319,7 @@ def test_a_client_that_leaves_while_sending_its_body_is_a_499_without_a_tracebac
     ("GET", "/v1/completions", 405, "POST"),
     ("DELETE", "/v1/chat/completions", 405, "POST"),
     ("POST", "/v1/models", 405, "GET"),
-    ("POST", "/health", 405, "GET"),
+    ("POST", "/health", 405, "GET, HEAD"),
     ("PUT", "/metrics", 405, "GET"),
 ])
 def test_unknown_paths_and_wrong_methods_get_openai_errors(server, method, path, status, allow):
@@ -506,7 +506,7 @@ def test_the_api_key_guards_every_v1_route_and_metrics(locked):
 def test_unknown_paths_need_the_key_too(locked):
     assert httpx.get(locked.url + "/v1/nothing").status_code == 401
     check_unknown_route(locked.url, "GET", "/v1/nothing", 404, None, headers={"Authorization": f"Bearer {KEY}"})
-    check_unknown_route(locked.url, "POST", "/health", 405, "GET")  # /health stays open
+    check_unknown_route(locked.url, "POST", "/health", 405, "GET, HEAD")  # /health stays open
 
 
 @pytest.fixture(scope="module")

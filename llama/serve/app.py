@@ -69,7 +69,7 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
     async def api_error(request: Request, e: APIError) -> Response:
         return e.response()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD too: some load balancers probe with it
     async def health() -> Response:
         if service.ready:
             return JSONResponse({"status": "ok", "model": service.model_name})
