@@ -1,6 +1,5 @@
 """The Gradio page at `/`: its /complete and /chat functions through gradio_client, and the page itself in
 headless Chromium (selenium), on one server in a thread of this process."""
-import json
 import os
 import shutil
 import threading
