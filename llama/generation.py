@@ -20,7 +20,7 @@ from llama.loading import load_model
 from llama.model import Transformer
 from llama.quantize import check_mode
 from llama.sampling import check_sampling
-from llama.text import check_stop, decode_continuation
+from llama.text import check_stop, decode_continuation, stop_matcher
 from llama.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,8 @@ class Llama:
 
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed)
         stops, extra, base_seed = self._agreed(check, same, "prompts or sampling arguments")
+        if stops:
+            stop_matcher(tuple(stops))  # built here, not under the engine's lock, where the requests' streams find it
         stop_ids = self.tokenizer.stop_ids | frozenset(extra)
         requests = [Request(prompt=list(p), max_new=min(max_gen_len, self.max_seq_len - len(p)),
                             temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, stop=stops,

@@ -48,40 +48,43 @@ class StopMatcher:
     """
 
     def __init__(self, stops: Sequence[str]):
-        self.goto: List[Dict[str, int]] = [{}]
+        self.goto: Dict[Tuple[int, str], int] = {}  # (state, character) -> the next state along the trie
         self.depth: List[int] = [0]  # the length of the prefix a state stands for
-        self.fail: List[int] = [0]
         self.ends: List[int] = [0]  # the length of the longest stop string ending at a state (0: none)
+        children: List[List[Tuple[str, int]]] = [[]]
         for s in stops:
             state = 0
             for ch in s:
-                nxt = self.goto[state].get(ch)
+                nxt = self.goto.get((state, ch))
                 if nxt is None:
-                    nxt = self.goto[state][ch] = len(self.goto)
-                    self.goto.append({})
+                    nxt = self.goto[state, ch] = len(self.depth)
                     self.depth.append(self.depth[state] + 1)
-                    self.fail.append(0)
                     self.ends.append(0)
+                    children[state].append((ch, nxt))
+                    children.append([])
                 state = nxt
             self.ends[state] = len(s)
-        queue = deque(self.goto[0].values())  # breadth first: a state's fail link is shallower than itself
+        self.fail = [0] * len(self.depth)
+        queue = deque(nxt for _, nxt in children[0])  # breadth first: a state's fail link is shallower than itself
         while queue:
             state = queue.popleft()
-            for ch, nxt in self.goto[state].items():
+            for ch, nxt in children[state]:
                 self.fail[nxt] = self.step(self.fail[state], ch)
                 self.ends[nxt] = self.ends[nxt] or self.ends[self.fail[nxt]]
                 queue.append(nxt)
 
     def step(self, state: int, ch: str) -> int:
         """The state after reading `ch` in `state`."""
-        while state and ch not in self.goto[state]:
+        goto = self.goto
+        while state and (state, ch) not in goto:
             state = self.fail[state]
-        return self.goto[state].get(ch, 0)
+        return goto.get((state, ch), 0)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def stop_matcher(stops: Tuple[str, ...]) -> StopMatcher:
-    """One automaton per set of stop strings (the n choices of a request share theirs; it is never changed)."""
+    """One automaton per set of stop strings, never changed: the n choices of a request share theirs, and
+    the call that checks the stop strings builds it, so that the engine's lock never waits for a build."""
     return StopMatcher(stops)
 
 
