@@ -85,6 +85,8 @@ class ModelArgs:
         `LIMITS`, each float finite and positive, the heads dividing evenly."""
         for name, (low, high) in LIMITS.items():
             value = getattr(self, name)
+            if name == "vocab_size" and value == -1:  # Llama 1's params.json: the shards tell (MetaCheckpoint)
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name}={value!r} must be an integer from {low} to {high} (the bounds on what a "
                                  "real LLaMA model has): fix the checkpoint's params.json or config.json")

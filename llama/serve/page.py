@@ -231,8 +231,12 @@ def _fit(g, dialog: List[dict], max_tokens: int) -> List[int]:
     head = dialog[:1] if dialog[0]["role"] == "system" else []
     turns = dialog[len(head):]  # (user, assistant) exchanges, then the new user message
 
+    encoded = {}
+
     def prompt(keep: int) -> List[int]:  # the newest `keep` exchanges and the new message
-        return g.encode_dialog(head + turns[len(turns) - 1 - 2 * keep:])
+        if keep not in encoded:
+            encoded[keep] = g.encode_dialog(head + turns[len(turns) - 1 - 2 * keep:])
+        return encoded[keep]
 
     def fits(keep: int) -> bool:
         return len(prompt(keep)) + max_tokens <= g.max_seq_len

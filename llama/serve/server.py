@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+from http import HTTPStatus
 from typing import Callable, Optional
 
 import h11
@@ -145,14 +146,11 @@ class GuardedH11(H11Protocol):
     def _refuse(self, error: APIError) -> None:
         """Answer `error` outside the request cycle (none has started, or it was ended) and close."""
         body = json.dumps(error.body()).encode()
-        head = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, '')}", "content-type: application/json",
+        head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
                 f"content-length: {len(body)}", "connection: close",
                 *(f"{k}: {v}" for k, v in (error.headers or {}).items())]
         self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
         self.transport.close()
-
-
-_REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
 
 
 def guarded(config: ServeConfig) -> type:
