@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 LIMITS = {
     "dim": (1, 65536), "n_layers": (1, 1024), "n_heads": (1, 1024), "n_kv_heads": (1, 1024),
     "vocab_size": (1, 1 << 20), "multiple_of": (1, 1 << 18), "rope_original_max_seq_len": (1, 1 << 24),
-    "max_batch_size": (1, 1 << 16), "max_seq_len": (1, 1 << 22),
+    "max_batch_size": (1, 1 << 20), "max_seq_len": (1, 1 << 22),
 }
 MAX_HIDDEN_DIM = 1 << 18
 
@@ -88,8 +88,10 @@ class ModelArgs:
             if name == "vocab_size" and value == -1:  # Llama 1's params.json: the shards tell (MetaCheckpoint)
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                fix = ("pass a value in range" if name in ("max_batch_size", "max_seq_len")
+                       else "fix the checkpoint's params.json or config.json")
                 raise ValueError(f"{name}={value!r} must be an integer from {low} to {high} (the bounds on what a "
-                                 "real LLaMA model has): fix the checkpoint's params.json or config.json")
+                                 f"real LLaMA model has): {fix}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: fix params.json")
         if self.n_heads % self.n_kv_heads:

@@ -255,8 +255,11 @@ def test_bad_checkpoint_is_refused_before_any_collective(tiny_ckpt2, tmp_path, c
 
 
 def test_max_seq_len_and_max_batch_size_are_bounded(tiny_ckpt):
-    with pytest.raises(ValueError, match="max_seq_len=8388608 must be an integer from 1 to 4194304"):
+    with pytest.raises(ValueError, match=r"max_seq_len=8388608 must be an integer from 1 to 4194304 \(the bounds on "
+                                         r"what a real LLaMA model has\): pass a value in range"):
         Llama.build(str(tiny_ckpt), max_seq_len=1 << 23, max_batch_size=1)
+    with pytest.raises(ValueError, match="max_batch_size=2000000 must be an integer from 1 to 1048576"):
+        Llama.build(str(tiny_ckpt), max_seq_len=16, max_batch_size=2_000_000)
 
 
 def zero_stride_checkpoint(path, params):
