@@ -7,13 +7,15 @@
         [--stop "." | --stop '["\n", "THE END"]'] [--stream] [--compile] [--quantize {int8,int4} [--group_size G]] \
         [--lora ADAPTER]
 
-Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1.
+Only rank 0 prints. A bad flag or file ends every rank with a one-line error and exit status 1;
+Ctrl-C ends every rank quietly with exit status 130.
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import os
+import signal
 import sys
 import tempfile
 import typing
@@ -156,23 +158,62 @@ def keep_strings(entry: Callable[..., None], argv: List[str]) -> List[str]:
     return out
 
 
+INTERRUPTED = 130  # the exit status of a program ended by Ctrl-C (128 + SIGINT), as shells report it
+
+
+class CtrlC:
+    """A SIGINT handler that raises KeyboardInterrupt once and ignores the signals after it: under torchrun
+    a terminal's Ctrl-C reaches every rank, and torchrun then sends each the same signal again."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.pressed:
+            self.pressed = True
+            raise KeyboardInterrupt
+
+
 def run_cli(entry: Callable[..., None], argv: List[str]) -> int:
     """Run `entry` with fire on the flags in `argv`; a bad input ends every rank with exit status 1
-    and a one-line error from rank 0."""
+    and a one-line error from rank 0; Ctrl-C ends every rank quietly with exit status 130 (including
+    a rank whose collective call broke because another rank left on its Ctrl-C)."""
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s")
+    ctrl_c = CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
         fire.Fire(entry, command=keep_strings(entry, argv))
+    except KeyboardInterrupt:
+        return _interrupted(rank)
     except (ValueError, TypeError, OSError, MemoryError, torch.cuda.OutOfMemoryError, RankError) as e:
+        if ctrl_c.pressed:
+            return _interrupted(rank)
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 1
+    except Exception:
+        if ctrl_c.pressed:
+            return _interrupted(rank)
+        raise
     finally:
-        import torch.distributed as dist
+        interrupted, ctrl_c.pressed = ctrl_c.pressed, True  # from here on a Ctrl-C is ignored
+        try:
+            import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            # Interrupted, the process is ending: a second Ctrl-C (torchrun forwards one) must not kill it by
+            # signal on the way out. Otherwise the caller's handler is back.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if interrupted else previous)
     return 0
+
+
+def _interrupted(rank: int) -> int:
+    if rank == 0 and sys.stderr.isatty():
+        print(file=sys.stderr)  # the shell's prompt on a line of its own, after the terminal's ^C
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

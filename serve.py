@@ -2,9 +2,9 @@
 
     python serve.py --ckpt_dir D [--tokenizer_path T] [--host 127.0.0.1] [--port 8000] [--max_batch_size 16] \
         [--max_seq_len 2048] [--api_key KEY] [--model_name NAME] [--max_queue 256] [--cors] [--nopage] \
-        [--max_body_bytes 1048576] [--stream_interval 0.02] [--device cpu] [--dtype bf16] [--compile] \
-        [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] [--prefill_chunk 128] \
-        [--kv_cache_tokens N] [--noprefix_cache]
+        [--max_body_bytes 1048576] [--max_connections 1000] [--stream_interval 0.02] [--device cpu] [--dtype bf16] \
+        [--compile] [--quantize int8] [--seed 1] [--lora ADAPTER] [--chat_format {llama2,llama3,alpaca}] \
+        [--prefill_chunk 128] [--kv_cache_tokens N] [--noprefix_cache]
     torchrun --nproc_per_node N serve.py --ckpt_dir D ...
     python serve.py                 # no --ckpt_dir: the tiny random-weight demo model
 
@@ -47,6 +47,7 @@ def main(
     cors: bool = False,
     page: bool = True,
     max_body_bytes: int = 1 << 20,
+    max_connections: int = 1000,
     stream_interval: float = 0.02,
     model_parallel_size: Optional[int] = None,
     seed: int = 1,
@@ -62,6 +63,7 @@ def main(
 ) -> None:
     api_key = os.environ.get("LLAMA_API_KEY") if api_key is None else str(api_key)
     check_server_flags(str(host), port, max_queue, max_body_bytes, stream_interval, api_key)
+    check_positive_int("max_connections", max_connections)
     name = str(model_name) if model_name is not None else Path(str(ckpt_dir)).name if ckpt_dir else DEMO_NAME
 
     def build() -> Llama:
@@ -91,7 +93,8 @@ def main(
 
     sock = bind(str(host), port)  # before loading: a busy port fails at once
     service = Service(name, max_seq_len, max_queue, float(stream_interval))
-    config = ServeConfig(api_key=api_key, cors=bool(cors), max_body_bytes=max_body_bytes, page=bool(page))
+    config = ServeConfig(api_key=api_key, cors=bool(cors), max_body_bytes=max_body_bytes, page=bool(page),
+                         max_connections=max_connections)
     serve_rank0(build, service, config, sock)
 
 
@@ -104,8 +107,9 @@ def check_server_flags(host: str, port, max_queue, max_body_bytes, stream_interv
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, (int, float)) \
             or not 0 <= stream_interval <= 1:
         raise ValueError(f"stream_interval={stream_interval!r} must be seconds from 0 to 1 (0: a chunk per step)")
-    if api_key is not None and not api_key.strip():
-        raise ValueError("api_key is empty: pass a non-empty key, or none to serve without one")
+    from llama.serve.app import check_api_key
+
+    check_api_key(api_key)  # e.g. a non-ASCII key, which HTTP clients cannot send
     if not host:
         raise ValueError("host is empty: pass e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
 

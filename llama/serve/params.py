@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from llama.serve.errors import invalid
+from llama.text import check_stop
 
 MAX_CHOICES = 16  # n per request: each choice is a request of its own in the engine
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -73,13 +74,12 @@ def boolean(body: dict, name: str, default: bool = False) -> bool:
 
 
 def stop_strings(body: dict) -> List[str]:
+    """`stop`: a string or a list of them, bounded in number and length (llama.text.check_stop)."""
     v = body.get("stop")
-    if v is None:
-        return []
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise invalid(f"stop={v!r} must be a non-empty string or a list of them", "stop")
-    return stops
+    try:
+        return check_stop(v)
+    except ValueError as e:
+        raise invalid(str(e), "stop") from None
 
 
 def refuse_unsupported(body: dict, fields: Dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ def messages(body: dict) -> List[Dict[str, str]]:
         raise invalid("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
     dialog = []
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise invalid(f"messages[{i}] must be an object whose role is system, user or assistant",
                           f"messages[{i}].role")
         dialog.append({"role": _ROLES[m["role"]], "content": _content(m.get("content"), i)})
