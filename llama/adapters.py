@@ -1,0 +1,376 @@
+"""Per-request LoRA adapters on one base: many PEFT adapters held beside the base weights, never merged
+into them, each request choosing one (or none), so that requests for different adapters and for the
+base share one batch and one copy of the base weights (S-LoRA's and Punica's idea, in plain PyTorch).
+
+**Opening.** An adapter folder is read and checked exactly as for merging (llama.lora.LoraAdapter:
+unsupported PEFT options refused by name, target modules and every factor's shape against the base),
+and one more rule: a tensor an adapter would replace whole cannot be shared by a batch, so
+`modules_to_save` is refused, and so is a saved embedding or lm_head that differs from the base's
+(PEFT saves an adapted one's base weights beside its factors: equal to the base's, they are ignored).
+What is kept is the factors, this rank's slices, in the model's dtype: the adapter's own size.
+
+**The layers.** Every linear of the model and its embedding become an `AdaptedLinear`: the base layer
+as it was (float, int8, int4, fairscale's: whatever module it is, it is called as it is) and the
+factors of every adapter slot, stacked. For input x and each row's slot (0: no adapter):
+
+    h = x @ down.T                           (..., S)  every slot's A at once (the embedding: down's rows)
+    h = h * (owner == the row's slot)        only the row's own slot's columns
+    y = base(x) + concat_p(h_p @ up_p)       one matmul per fused part (q/k/v, gate/up): B times the scaling
+
+`down` stacks each slot's A rows (r per slot and part) and `up_p` the B.T rows of part p, so a slot costs
+its adapter's own size. The cost of a step grows with the slots and their ranks, not with how many
+adapters the batch mixes, and the shapes stay the same as adapters come and go within the slots there
+are: a compiled decode step keeps its graphs. Only new slots (or a higher rank) reallocate, after which
+the runner compiles again. Row-parallel layers (wo, w2) hold their ranks' columns of A and add up h
+across ranks (r numbers a token) before B; column-parallel ones their rows of B; the embedding and the
+output layer, whose outputs are gathered, the whole factors.
+
+**How rows reach the layers.** The runner passes each row's slot as one more argument of the model's
+forward (`adapters`, (B,) long; None when no row of the step uses an adapter, and then nothing extra
+runs): the data path stays explicit, and it is a graph input of the compiled step, where an attribute
+set on the modules before each call would be frozen into a graph compiled without module guards.
+
+**Loading at run time** (llama.engine): a load opens the adapter in the caller's thread, then takes a
+slot between two steps, on every rank alike (rank 0 sends it with a plan; the other ranks open the
+folder themselves and all agree before any of them uses it). An unload forgets the name at once and
+frees the slot once the requests using it have finished; a name loaded again gets a new slot and a new
+prefix-cache salt, so no request reuses the old adapter's cached keys and values.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+from torch import nn
+
+from llama.checkpoint import region, shard_dim
+from llama.distributed import model_parallel
+from llama.errors import CheckpointError
+from llama.lora import CONFIG, LoraAdapter
+
+EMBEDDING, OUTPUT = "tok_embeddings.weight", "output.weight"
+MAX_NAME = 256
+
+# (down (r, in), up (r, out)) of one fused part of one layer: this rank's slices, B times the scaling
+Factors = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(eq=False)
+class AdapterWeights:
+    """An opened adapter, ready to copy into a slot: factors by layer path and fused part."""
+
+    path: str
+    factors: Dict[str, Dict[int, Factors]]
+    signature: str  # digest of every layer's rank: every rank must have opened the same adapter
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for parts in self.factors.values() for f in parts.values()
+                   for t in f)
+
+
+def open_weights(path: str | os.PathLike, model: nn.Module) -> AdapterWeights:
+    """The PEFT adapter at `path`, checked against `model` (loaded, this rank's part) for use unmerged."""
+    rank, world = model_parallel()
+    adapter = LoraAdapter(path, model.params)
+    _check_replaced(adapter, model, rank, world)
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    factors: Dict[str, Dict[int, Factors]] = {}
+    for name, delta in adapter.deltas.items():
+        layer, part = _layer_of(model, name)
+        # the embedding and the output layer gather their outputs: whole factors on every rank
+        dim = None if name in (EMBEDDING, OUTPUT) else shard_dim(name)
+        (r0, r1), (c0, c1) = region(adapter.shapes[name], dim, rank, world)
+        if name == EMBEDDING:  # delta[token] = s * left[token] @ right: left's rows are looked up
+            down, up = delta.left.T, delta.right * delta.scaling
+        else:  # x @ (s * left @ right).T = (x @ right.T) @ (s * left.T)
+            down, up = delta.right[:, c0:c1], (delta.left[r0:r1] * delta.scaling).T
+        factors.setdefault(layer, {})[part] = (down.to(device, dtype).contiguous(), up.to(device, dtype).contiguous())
+    ranks = sorted((layer, part, f[0].shape[0]) for layer, parts in factors.items() for part, f in parts.items())
+    return AdapterWeights(str(path), factors, hashlib.sha256(repr(ranks).encode()).hexdigest())
+
+
+def _layer_of(model: nn.Module, name: str) -> Tuple[str, int]:
+    """The model's layer holding checkpoint tensor `name`, and its fused part: ("layers.0.attention.wqkv", 1)
+    for "layers.0.attention.wk.weight"."""
+    path = name[: -len(".weight")]
+    block_path, _, part = path.rpartition(".")
+    block = model.get_submodule(block_path) if block_path else model
+    fused = getattr(block, "fused", None)
+    if fused is not None and part in block.parts():
+        return f"{block_path}.{fused}", list(block.parts()).index(part)
+    return path, 0
+
+
+def _check_replaced(adapter: LoraAdapter, model: nn.Module, rank: int, world: int) -> None:
+    """Refuse what would replace a base tensor: modules_to_save, and saved embedding or lm_head weights
+    other than the base's own (PEFT saves those of an adapted embedding or lm_head beside its factors)."""
+    fix = "load it merged instead (Llama.build(lora=...) or scripts/merge_lora.py)"
+    saved = adapter._saved()
+    if saved:
+        raise CheckpointError(f"{adapter.path / CONFIG}: modules_to_save replaces {sorted(saved)[:3]} whole, which "
+                              f"requests without this adapter cannot share: {fix}")
+    for name in adapter.replaced:
+        base = _base_weight(model, name)
+        if base is None or not base.is_floating_point():
+            raise CheckpointError(f"{adapter.weights}: it holds its own {name}, which cannot be checked against "
+                                  f"this model's quantized one: load the adapter on a float base, or {fix}")
+        (r0, r1), cols = region(adapter.shapes[name], 1 if name == EMBEDDING else shard_dim(name), rank, world)
+        step = max(1, (4 << 20) // base.shape[1])  # rows compared at a time
+        if not all(_same(adapter, name, [(lo, min(lo + step, r1)), cols], base[lo - r0 : lo - r0 + step])
+                   for lo in range(r0, r1, step)):
+            raise CheckpointError(f"{adapter.weights}: its {name} differs from the base model's (a resized or "
+                                  f"trained embedding), which requests without this adapter cannot share: {fix}")
+
+
+def _same(adapter: LoraAdapter, name: str, where, base: torch.Tensor) -> bool:
+    """Whether the adapter's copy of `name` in region `where` equals the base's slice `base`, up to bf16
+    rounding (PEFT saves it in the dtype it trained in)."""
+    saved = torch.empty(base.shape, dtype=torch.float32)
+    adapter._replace_(name, where, saved)
+    reference = base.detach().float().cpu()
+    return bool(((saved - reference).abs() <= 2**-8 * reference.abs() + 1e-6).all())
+
+
+def _base_weight(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    layer = model.get_submodule(name[: -len(".weight")])
+    layer = getattr(layer, "base", layer)
+    return getattr(layer, "weight", None)
+
+
+class AdaptedLinear(nn.Module):
+    """A linear layer (or the embedding, with `embedding`) and the low-rank updates of every adapter slot;
+    see the module docstring. `parts`: this rank's output sizes of the fused parts, in order; `inputs`:
+    this rank's in-features (the vocabulary for the embedding); `reduce`: the layer is row-parallel, its
+    input split across ranks."""
+
+    def __init__(self, base: nn.Module, parts: List[int], inputs: int, device: torch.device, dtype: torch.dtype,
+                 embedding: bool = False, reduce: bool = False):
+        super().__init__()
+        self.base = base
+        self.parts, self.inputs, self.embedding, self.reduce = list(parts), inputs, embedding, reduce
+        self.slots = 0
+        self.ranks = [0] * len(parts)  # per part: the rows each slot has (the largest rank among them)
+        self._allocate(0, self.ranks, device, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (its device and dtype are the layer's)."""
+        return self.base.weight
+
+    @property
+    def widths(self) -> List[int]:
+        return [self.slots * r for r in self.ranks]
+
+    def forward(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.base(x)
+        if rows is None or self.slots == 0:
+            return y
+        h = F.embedding(x, self.down) if self.embedding else F.linear(x, self.down)  # (..., S)
+        if self.reduce:
+            h = reduce_from_model_parallel_region(h)
+        mine = rows.view(-1, *[1] * (h.dim() - 1)) == self.owner  # (B, ..., S): each row's own slot's columns
+        h = h * mine
+        deltas = [hp @ getattr(self, f"up{p}") for p, hp in enumerate(h.split(self.widths, -1))]
+        return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1))
+
+    def _allocate(self, slots: int, ranks: List[int], device, dtype) -> None:
+        """Empty buffers for `slots` slots of `ranks` rows per part."""
+        width = sum(slots * r for r in ranks)
+        down = torch.zeros((self.inputs, width) if self.embedding else (width, self.inputs), device=device, dtype=dtype)
+        self.register_buffer("down", down, persistent=False)
+        owner = [s + 1 for r in ranks for s in range(slots) for _ in range(r)]  # slot of each column of h
+        self.register_buffer("owner", torch.tensor(owner, dtype=torch.long, device=device), persistent=False)
+        for p, (r, out) in enumerate(zip(ranks, self.parts)):
+            self.register_buffer(f"up{p}", torch.zeros(slots * r, out, device=device, dtype=dtype), persistent=False)
+
+    def _down_rows(self) -> torch.Tensor:
+        """`down` as (S, inputs): A's rows, whichever way it is stored."""
+        return self.down.T if self.embedding else self.down
+
+    def _block(self, p: int, slot: int) -> Tuple[slice, slice]:
+        """Rows of `down` and of up{p} that slot `slot` (from 1) holds in part p."""
+        r, start = self.ranks[p], sum(self.widths[:p])
+        rows = slice((slot - 1) * r, slot * r)
+        return slice(start + rows.start, start + rows.stop), rows
+
+    def reserve(self, slots: int, ranks: List[int]) -> bool:
+        """Make room for `slots` slots of at least `ranks` rows per part, keeping what the slots hold; True
+        if the buffers were reallocated (their shapes changed)."""
+        ranks = [max(a, b) for a, b in zip(self.ranks, ranks)]
+        slots = max(slots, self.slots)
+        if slots == self.slots and ranks == self.ranks:
+            return False
+        old = {name: getattr(self, name) for name in ["down", *(f"up{p}" for p in range(len(self.parts)))]}
+        old_down = self._down_rows()
+        old_blocks = [[self._block(p, s) for s in range(1, self.slots + 1)] for p in range(len(self.parts))]
+        old_ranks = self.ranks
+        self.slots, self.ranks = slots, ranks
+        self._allocate(slots, ranks, old["down"].device, old["down"].dtype)
+        down = self._down_rows()
+        for p, blocks in enumerate(old_blocks):
+            for s, (d_old, u_old) in enumerate(blocks, start=1):
+                d_new, u_new = self._block(p, s)
+                n = old_ranks[p]
+                down[d_new.start : d_new.start + n] = old_down[d_old]
+                getattr(self, f"up{p}")[u_new.start : u_new.start + n] = old[f"up{p}"][u_old]
+        return True
+
+    def write(self, slot: int, factors: Dict[int, Factors]) -> None:
+        """Put an adapter's factors for this layer into slot `slot` (zeros where it has none)."""
+        down = self._down_rows()
+        for p in range(len(self.parts)):
+            d, u = self._block(p, slot)
+            down[d] = 0
+            getattr(self, f"up{p}")[u] = 0
+            if p in factors:
+                a, b = factors[p]
+                down[d.start : d.start + a.shape[0]] = a
+                getattr(self, f"up{p}")[u.start : u.start + b.shape[0]] = b
+
+
+def install_(model: nn.Module) -> Dict[str, AdaptedLinear]:
+    """Wrap every linear of `model` and its embedding in an AdaptedLinear with no slots (the model computes
+    as before); returns them by path. Idempotent."""
+    found = {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    if found:
+        return found
+    rank, world = model_parallel()
+    p = model.params
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype  # the activations'
+
+    def wrap(parent: nn.Module, attr: str, parts: List[int], inputs: int, **kind) -> None:
+        setattr(parent, attr, AdaptedLinear(getattr(parent, attr), parts, inputs, device, dtype, **kind))
+
+    wrap(model, "tok_embeddings", [p.dim], p.vocab_size, embedding=True)
+    for block in model.layers:
+        attention, ffn = block.attention, block.feed_forward
+        wrap(attention, "wqkv", list(attention.parts().values()), p.dim)
+        wrap(attention, "wo", [p.dim], attention.n_local_heads * attention.head_dim, reduce=world > 1)
+        wrap(ffn, "w13", list(ffn.parts().values()), p.dim)
+        wrap(ffn, "w2", [p.dim], ffn.hidden_local, reduce=world > 1)
+    wrap(model, "output", [p.vocab_size], p.dim)
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def put_(model: nn.Module, slot: int, weights: AdapterWeights) -> bool:
+    """Copy `weights` into slot `slot` (from 1) of every adapted layer of `model`, wrapping its layers on
+    first use; True if any layer's buffers changed shape (a compiled forward must compile again)."""
+    layers = install_(model)
+    changed = False
+    for path, layer in layers.items():
+        factors = weights.factors.get(path, {})
+        ranks = [factors[p][0].shape[0] if p in factors else 0 for p in range(len(layer.parts))]
+        changed |= layer.reserve(slot, ranks)
+    for path, layer in layers.items():
+        layer.write(slot, weights.factors.get(path, {}))
+    return changed
+
+
+# What the engine knows of adapters: names, slots, and the requests using them.
+
+@dataclass(eq=False)
+class Entry:
+    """One loaded adapter: its slot in the model's layers and how many requests use it."""
+
+    name: str
+    path: str
+    slot: int
+    generation: int  # unique per load: a reloaded name gets another prefix-cache salt
+    nbytes: int
+    requests: int = 0
+    retired: bool = False  # unloaded, or replaced by a newer load: its slot is freed after its last request
+
+    @property
+    def salt(self) -> bytes:
+        return f"adapter {self.generation} {self.name}".encode()
+
+
+@dataclass
+class LoadAdapter:
+    """A load for every rank to apply before a step's forwards (sent with the plan under model parallelism)."""
+
+    id: int  # the entry's generation
+    slot: int
+    path: str
+    signature: str
+
+
+class AdapterTable:
+    """Adapter names to entries, and the free slots (plain Python, used under the engine's lock)."""
+
+    def __init__(self):
+        self.by_name: Dict[str, Entry] = {}
+        self.free: List[int] = []  # a heap: the lowest free slot is reused first
+        self.slots = 0  # slots ever handed out
+        self.generation = 0
+
+    def names(self) -> List[str]:
+        return sorted(self.by_name)
+
+    def lookup(self, name: str) -> Entry:
+        entry = self.by_name.get(name) if isinstance(name, str) else None
+        if entry is None:
+            loaded = ", ".join(repr(n) for n in self.names()) or "none"
+            raise ValueError(f"adapter={name!r} is not loaded (loaded adapters: {loaded}): load it with "
+                             "Llama.load_adapter(name, path) first")
+        return entry
+
+    def reserve(self, name: str, path: str, nbytes: int) -> Entry:
+        """A slot and a generation for a load (not yet usable: `activate` once every rank has it)."""
+        self.generation += 1
+        if self.free:
+            slot = heapq.heappop(self.free)
+        else:
+            self.slots += 1
+            slot = self.slots
+        return Entry(name, path, slot, self.generation, nbytes)
+
+    def activate(self, entry: Entry) -> None:
+        old = self.by_name.get(entry.name)
+        self.by_name[entry.name] = entry
+        if old is not None:
+            self.retire(old)
+
+    def discard(self, entry: Entry) -> None:
+        """A reserved load that failed: its slot is free again."""
+        heapq.heappush(self.free, entry.slot)
+
+    def unload(self, name: str) -> Entry:
+        entry = self.lookup(name)
+        del self.by_name[name]
+        self.retire(entry)
+        return entry
+
+    def retire(self, entry: Entry) -> None:
+        entry.retired = True
+        if entry.requests == 0:
+            heapq.heappush(self.free, entry.slot)
+
+    def acquire(self, entry: Entry) -> None:
+        entry.requests += 1
+
+    def release(self, entry: Entry) -> None:
+        entry.requests -= 1
+        if entry.retired and entry.requests == 0:
+            heapq.heappush(self.free, entry.slot)
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME or not name.isprintable():
+        raise ValueError(f"adapter name {name!r} must be a non-empty printable string of at most {MAX_NAME} "
+                         "characters")
+    return name
+
+
+def check_folder(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"adapter path {path!r} must be a folder path (str or os.PathLike)")
+    return str(Path(path))
