@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,91 +150,118 @@ class AdaptedLinear(nn.Module):
     """A linear layer (or the embedding, with `embedding`) and the low-rank updates of every adapter slot;
     see the module docstring. `parts`: this rank's output sizes of the fused parts, in order; `inputs`:
     this rank's in-features (the vocabulary for the embedding); `reduce`: the layer is row-parallel, its
-    input split across ranks."""
+    input split across ranks.
+
+    Slot s holds `ranks[s]` rows of A and of B in every part some slot adapts (the adapter's largest
+    rank in this layer: zeros pad a part it adapts with a smaller rank, or not at all). `down` is
+    (parts x rows of all slots, inputs), part by part; B is kept as groups of output columns of one
+    width (the parts' greatest common divisor: one kv head group for wqkv, the hidden width for w13) in
+    `up` (groups, rows of all slots, width), so that one batched matmul serves every part.
+    """
 
     def __init__(self, base: nn.Module, parts: List[int], inputs: int, device: torch.device, dtype: torch.dtype,
                  embedding: bool = False, reduce: bool = False):
         super().__init__()
         self.base = base
         self.parts, self.inputs, self.embedding, self.reduce = list(parts), inputs, embedding, reduce
-        self.slots = 0
-        self.ranks = [0] * len(parts)  # per part: the rows each slot has (the largest rank among them)
-        self._allocate(0, self.ranks, device, dtype)
+        self.width = math.gcd(*self.parts)
+        self.ranks: List[int] = []  # per slot
+        self.adapted: List[int] = []  # the parts some slot adapts, in order
+        self._allocate(device, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (its device and dtype are the layer's)."""
         return self.base.weight
 
-    @property
-    def widths(self) -> List[int]:
-        return [self.slots * r for r in self.ranks]
-
     def forward(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.base(x)
-        if rows is None or self.slots == 0:
+        if rows is None or not self.adapted:
             return y
-        h = F.embedding(x, self.down) if self.embedding else F.linear(x, self.down)  # (..., S)
+        h = F.embedding(x, self.down) if self.embedding else F.linear(x, self.down)  # (..., S): every slot's A
         if self.reduce:
             h = reduce_from_model_parallel_region(h)
         mine = rows.view(-1, *[1] * (h.dim() - 1)) == self.owner  # (B, ..., S): each row's own slot's columns
         h = h * mine
-        deltas = [hp @ getattr(self, f"up{p}") for p, hp in enumerate(h.split(self.widths, -1))]
-        return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1))
+        lead, groups = h.shape[:-1], self.up.shape[0]
+        if groups == 1:
+            delta = h @ self.up[0]
+        else:
+            h = h.reshape(-1, len(self.adapted), sum(self.ranks)).index_select(1, self.group_part)  # (N, G, R)
+            delta = torch.bmm(h.transpose(0, 1), self.up).transpose(0, 1).reshape(*lead, groups * self.width)
+        if len(self.adapted) < len(self.parts):  # zeros for the parts no slot adapts
+            pieces, at = [], 0
+            for p, out in enumerate(self.parts):
+                if p in self.adapted:
+                    pieces.append(delta[..., at : at + out])
+                    at += out
+                else:
+                    pieces.append(delta.new_zeros(*lead, out))
+            delta = torch.cat(pieces, -1)
+        return y + delta
 
-    def _allocate(self, slots: int, ranks: List[int], device, dtype) -> None:
-        """Empty buffers for `slots` slots of `ranks` rows per part."""
-        width = sum(slots * r for r in ranks)
-        down = torch.zeros((self.inputs, width) if self.embedding else (width, self.inputs), device=device, dtype=dtype)
+    def _allocate(self, device, dtype) -> None:
+        """Zeroed buffers for the current slots, ranks and adapted parts."""
+        R = sum(self.ranks)
+        S = len(self.adapted) * R
+        down = torch.zeros((self.inputs, S) if self.embedding else (S, self.inputs), device=device, dtype=dtype)
         self.register_buffer("down", down, persistent=False)
-        owner = [s + 1 for r in ranks for s in range(slots) for _ in range(r)]  # slot of each column of h
+        owner = [s + 1 for _ in self.adapted for s, r in enumerate(self.ranks) for _ in range(r)]
         self.register_buffer("owner", torch.tensor(owner, dtype=torch.long, device=device), persistent=False)
-        for p, (r, out) in enumerate(zip(ranks, self.parts)):
-            self.register_buffer(f"up{p}", torch.zeros(slots * r, out, device=device, dtype=dtype), persistent=False)
+        group_part = [i for i, p in enumerate(self.adapted) for _ in range(self.parts[p] // self.width)]
+        self.register_buffer("group_part", torch.tensor(group_part, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("up", torch.zeros(len(group_part), R, self.width, device=device, dtype=dtype),
+                             persistent=False)
 
-    def _down_rows(self) -> torch.Tensor:
-        """`down` as (S, inputs): A's rows, whichever way it is stored."""
-        return self.down.T if self.embedding else self.down
+    def _rows(self, p: int, slot: int) -> Tuple[slice, slice, slice]:
+        """Where slot `slot` (from 1) of adapted part `p` lies: its rows of `down` (as (S, inputs)), its
+        groups of `up` and its rows in each."""
+        i = self.adapted.index(p)
+        at, r = sum(self.ranks[: slot - 1]), self.ranks[slot - 1]
+        start = i * sum(self.ranks) + at
+        first = sum(self.parts[q] // self.width for q in self.adapted[:i])
+        return slice(start, start + r), slice(first, first + self.parts[p] // self.width), slice(at, at + r)
 
-    def _block(self, p: int, slot: int) -> Tuple[slice, slice]:
-        """Rows of `down` and of up{p} that slot `slot` (from 1) holds in part p."""
-        r, start = self.ranks[p], sum(self.widths[:p])
-        rows = slice((slot - 1) * r, slot * r)
-        return slice(start + rows.start, start + rows.stop), rows
+    def read(self, slot: int) -> Dict[int, Factors]:
+        """What slot `slot` holds: (down (rank, inputs), up (rank, out)) per adapted part."""
+        down = self.down.T if self.embedding else self.down
+        out = {}
+        for p in self.adapted:
+            d, groups, rows = self._rows(p, slot)
+            out[p] = (down[d], self.up[groups, rows].transpose(0, 1).reshape(rows.stop - rows.start, self.parts[p]))
+        return out
 
-    def reserve(self, slots: int, ranks: List[int]) -> bool:
-        """Make room for `slots` slots of at least `ranks` rows per part, keeping what the slots hold; True
-        if the buffers were reallocated (their shapes changed)."""
-        ranks = [max(a, b) for a, b in zip(self.ranks, ranks)]
-        slots = max(slots, self.slots)
-        if slots == self.slots and ranks == self.ranks:
+    def reserve(self, slot: int, ranks: List[int]) -> bool:
+        """Make room in slot `slot` for `ranks` rows per part, keeping what the slots hold; True if the
+        buffers were reallocated (their shapes changed). A slot keeps the rows it had: a smaller adapter
+        loaded into it later takes them, padded with zeros."""
+        adapted = sorted(set(self.adapted) | {p for p, r in enumerate(ranks) if r > 0})
+        slot_ranks = self.ranks + [0] * (slot - len(self.ranks))
+        slot_ranks[slot - 1] = max(slot_ranks[slot - 1], *ranks)
+        if (sum(slot_ranks), adapted) == (sum(self.ranks), self.adapted):  # at most slots with no rows here
+            self.ranks = slot_ranks
             return False
-        old = {name: getattr(self, name) for name in ["down", *(f"up{p}" for p in range(len(self.parts)))]}
-        old_down = self._down_rows()
-        old_blocks = [[self._block(p, s) for s in range(1, self.slots + 1)] for p in range(len(self.parts))]
-        old_ranks = self.ranks
-        self.slots, self.ranks = slots, ranks
-        self._allocate(slots, ranks, old["down"].device, old["down"].dtype)
-        down = self._down_rows()
-        for p, blocks in enumerate(old_blocks):
-            for s, (d_old, u_old) in enumerate(blocks, start=1):
-                d_new, u_new = self._block(p, s)
-                n = old_ranks[p]
-                down[d_new.start : d_new.start + n] = old_down[d_old]
-                getattr(self, f"up{p}")[u_new.start : u_new.start + n] = old[f"up{p}"][u_old]
+        kept = {s: self.read(s) for s in range(1, len(self.ranks) + 1)}
+        self.ranks, self.adapted = slot_ranks, adapted
+        self._allocate(self.down.device, self.down.dtype)
+        for s, factors in kept.items():
+            self.write(s, factors)
         return True
 
     def write(self, slot: int, factors: Dict[int, Factors]) -> None:
         """Put an adapter's factors for this layer into slot `slot` (zeros where it has none)."""
-        down = self._down_rows()
-        for p in range(len(self.parts)):
-            d, u = self._block(p, slot)
+        down = self.down.T if self.embedding else self.down
+        for p in self.adapted:
+            d, groups, rows = self._rows(p, slot)
             down[d] = 0
-            getattr(self, f"up{p}")[u] = 0
-            if p in factors:
+            self.up[groups, rows] = 0
+            if p in factors and factors[p][0].shape[0]:
                 a, b = factors[p]
-                down[d.start : d.start + a.shape[0]] = a
-                getattr(self, f"up{p}")[u.start : u.start + b.shape[0]] = b
+                r = a.shape[0]
+                down[d.start : d.start + r] = a
+                # (r, out) -> (groups, r, width)
+                self.up[groups, rows.start : rows.start + r] = b.reshape(r, -1, self.width).transpose(0, 1)
 
 
 def install_(model: nn.Module) -> Dict[str, AdaptedLinear]:
@@ -269,8 +297,7 @@ def put_(model: nn.Module, slot: int, weights: AdapterWeights) -> bool:
         factors = weights.factors.get(path, {})
         ranks = [factors[p][0].shape[0] if p in factors else 0 for p in range(len(layer.parts))]
         changed |= layer.reserve(slot, ranks)
-    for path, layer in layers.items():
-        layer.write(slot, weights.factors.get(path, {}))
+        layer.write(slot, factors)
     return changed
 
 
