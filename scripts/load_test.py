@@ -306,6 +306,7 @@ def _multiturn(servers: Dict[str, "_Server"], turns: int, repeats: int, max_toke
     turns, `repeats` times (each repeat with a system prompt of its own, so that none starts cached): time to
     first token and the prompt tokens found cached, per turn."""
     runs: Dict[str, List[List[dict]]] = {name: [] for name in servers}
+    models = {name: httpx.get(server.url + "/v1/models").json()["data"][0]["id"] for name, server in servers.items()}
     for r in range(repeats):
         system = _system_prompt(system_words, seed=r)
         for name, server in servers.items():
@@ -314,7 +315,7 @@ def _multiturn(servers: Dict[str, "_Server"], turns: int, repeats: int, max_toke
             messages, per_turn = [{"role": "system", "content": system}], []
             for _ in range(turns):
                 messages.append({"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(8))})
-                one = _chat(server.url, "", messages, max_tokens)
+                one = _chat(server.url, models[name], messages, max_tokens)
                 messages.append({"role": "assistant", "content": one["text"]})
                 first = one["arrivals"][0] if one["arrivals"] else float("nan")
                 per_turn.append({"ttft_ms": (first - one["sent"]) * 1e3, "prompt_tokens": one["usage"]["prompt_tokens"],
@@ -343,7 +344,7 @@ def _shared_prefix(url: str, ckpt_dir: str, clients: int, system_words: int, max
     rng = random.Random(5)
     dialogs = [[system, {"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(12))}]
                for _ in range(clients)]
-    prompts_ = [encode_dialog(tokenizer, d, tokenizer.chat_format) for d in dialogs]
+    prompts_ = [encode_dialog(tokenizer, d) for d in dialogs]  # the tokenizer's chat format, as the server's
     shared = min(next((k for k, (a, b) in enumerate(zip(p, prompts_[0])) if a != b), len(p)) for p in prompts_[1:])
     least = len(prompts_[0]) + sum(len(p) - shared for p in prompts_[1:])
     before = _metric(url, "llama_prompt_tokens_computed_total")
