@@ -1,7 +1,7 @@
 """chat.py driven through piped stdin, on one process and on two."""
 import pytest
 
-from chat import fit_dialog
+from llama.commands.chat import fit_dialog
 from conftest import run_python, torchrun
 from llama import Llama
 from llama.chat_format import strip_reserved_tags

@@ -131,24 +131,6 @@ def test_bad_flags_are_one_line_errors(args, message):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_string_flags_reach_serve_verbatim(monkeypatch):
-    """fire reads a flag's value as a Python literal: unguarded, `--api_key 'k#1'` would become "k" (the rest a
-    comment), and `--model_name 0x1F` the number 31."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    import fire
-    import serve
-    from example import keep_strings
-
-    got = {}
-
-    def entry(api_key=None, model_name=None, port=8000):  # serve.main's flags, without starting a server
-        got.update(api_key=api_key, model_name=model_name, port=port)
-
-    argv = ["--api_key", "Secr3t#tail", "--model_name=0x1F", "--port", "8001"]
-    fire.Fire(entry, command=keep_strings(serve.main, argv))
-    assert got == {"api_key": "Secr3t#tail", "model_name": "0x1F", "port": 8001}
-
-
 @pytest.fixture(scope="module")
 def ref(tiny_ckpt) -> Llama:
     return Llama.build(str(tiny_ckpt), max_seq_len=256, max_batch_size=4, device="cpu")
