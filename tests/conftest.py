@@ -3,7 +3,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -88,6 +88,20 @@ def run_python(*args: str, timeout: float = 120, input: Optional[str] = None) ->
     require_slow(f"starts a process (python {' '.join(args[:1])})")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout, input=input)
+
+
+def run_main(main, *argv) -> Tuple[int, str, str]:
+    """A command's `main` (llama/commands, or a script's: `script(NAME).main`) run on the command line `argv` in
+    this process, as llama.cli runs it: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from llama import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.run(main, [str(a) for a in argv], prog=getattr(main, "__module__", "main"))
+    return status, out.getvalue(), err.getvalue()
 
 
 def start_process(cmd, **kwargs) -> subprocess.Popen:

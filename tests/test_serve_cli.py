@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
+pytestmark = pytest.mark.slow  # every test here starts processes
 
-from conftest import ROOT, free_port, run_python, subprocess_env  # noqa: E402
+from conftest import ROOT, free_port, run_python, start_process, subprocess_env  # noqa: E402
 from llama import Llama  # noqa: E402
 
 SECRET = "zebra quartz pelican"  # a prompt that must not reach the log
@@ -30,7 +31,7 @@ class Job:
         self.url = f"http://127.0.0.1:{port}"
         self.log = tmp_path / f"serve-{port}.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(launcher + ["serve.py", "--port", str(port), *args], cwd=ROOT, stdout=out,
+            self.proc = start_process(launcher + ["serve.py", "--port", str(port), *args], cwd=ROOT, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          env=subprocess_env(OMP_NUM_THREADS="1"))
 
