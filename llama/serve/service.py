@@ -39,7 +39,7 @@ class Service:
         self.stream_interval = stream_interval  # seconds between a stream's chunks, at least (see watch.Pump)
         self.created = int(time.time())
         self.llama: Optional[Llama] = None  # None while loading
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name)
         self.failure: Optional[BaseException] = None  # why the engine stopped on its own
         self.stopping = False
         self.on_failure: List[Callable[[], None]] = []  # e.g. ending the HTTP server
@@ -54,6 +54,7 @@ class Service:
     def start(self, llama: Llama) -> None:
         """The model is loaded: run its engine in a thread of its own, from now on."""
         self.llama = llama
+        self.metrics.engine = llama.engine
         self._engine_thread = threading.Thread(target=self._serve, name="llama-engine", daemon=True)
         self._engine_thread.start()
 
