@@ -150,8 +150,8 @@ def _description(doc: str) -> str:
 
 def parse_argv(flags: Dict[str, Flag], argv: Sequence[str]) -> Dict[str, Any]:
     """{name: value} of the flags in `argv` (positional arguments fill the required parameters not given as
-    flags, in order), or a UsageError. A list flag takes every word up to the next --flag; `--name=value` takes the value
-    verbatim; a switch stands alone (`--stream`, `--nostream`)."""
+    flags, in order), or a UsageError. A list flag takes every word up to the next --flag; `--name=value` takes
+    the value verbatim; a switch stands alone (`--stream`, `--nostream`)."""
     given: Dict[str, Any] = {}
     positional: List[str] = []
     i = 0
@@ -192,8 +192,8 @@ def parse_argv(flags: Dict[str, Flag], argv: Sequence[str]) -> Dict[str, Any]:
     free = [f for name, f in flags.items() if name not in given and f.required]
     if len(positional) > len(free):
         takes = " ".join(f.name.upper() for f in flags.values() if f.required)
-        raise UsageError(f"unexpected argument {positional[len(free)]!r}: "
-                         + (f"this command takes {takes}, then --flags" if takes else "give every value after its --flag"))
+        hint = f"this command takes {takes}, then --flags" if takes else "give every value after its --flag"
+        raise UsageError(f"unexpected argument {positional[len(free)]!r}: {hint}")
     for flag, text in zip(free, positional):
         given[flag.name] = [text] if flag.kind == "list" else flag.parse(text)
     missing = [f for f in flags.values() if f.required and f.name not in given]

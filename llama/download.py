@@ -2,7 +2,7 @@
 
     python -m llama.download stories15M                                 # llama2.c's TinyStories model, converted
     python -m llama.download TinyLlama/TinyLlama-1.1B-Chat-v1.0         # a Hugging Face folder, as it is
-    python -m llama.download meta-llama/Llama-2-7b --include "original/*"   # gated: log in first (hf auth login)
+    python -m llama.download meta-llama/Meta-Llama-3-8B --include "original/*"   # gated: hf auth login first
     python -m llama.download test-assets --dir ../shared/assets         # the real files some tests read
 
 Files come through huggingface_hub: the token is the usual one (HF_TOKEN, or the one `hf auth login` saved), the
@@ -44,42 +44,36 @@ class Remote:
 
 @dataclass(frozen=True)
 class Shortcut:
-    about: str
     files: Tuple[Remote, ...]
     llama2c: bool = True  # convert files[0] (a llama2.c .bin) with files[1] (its tokenizer) to Meta's layout
 
 
-def _stories(name: str, path: str, sha256: Optional[str], tokenizer: Remote, about: str) -> Shortcut:
-    return Shortcut(about, (Remote(TINYLLAMAS, path, f"{name}.bin", sha256, TINYLLAMAS_REVISION), tokenizer))
+def _stories(name: str, path: str, sha256: Optional[str], tokenizer: Remote) -> Shortcut:
+    return Shortcut((Remote(TINYLLAMAS, path, f"{name}.bin", sha256, TINYLLAMAS_REVISION), tokenizer))
 
 
 _LLAMA2_TOKENIZER = Remote("TinyLlama/TinyLlama_v1.1", "tokenizer.model", "tokenizer.model", LLAMA2_TOKENIZER)
+_STORIES260K = "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696"
+_TOK512 = Remote(TINYLLAMAS, "stories260K/tok512.model", "tok512.model",
+                 "822b28dcdee7b4f2de3332e0066a3f33688e08afb26e9e7808a58aa6426bd55b", TINYLLAMAS_REVISION)
 SHORTCUTS: Dict[str, Shortcut] = {
-    "stories260K": _stories(
-        "stories260K", "stories260K/stories260K.bin",
-        "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696",
-        Remote(TINYLLAMAS, "stories260K/tok512.model", "tok512.model",
-               "822b28dcdee7b4f2de3332e0066a3f33688e08afb26e9e7808a58aa6426bd55b", TINYLLAMAS_REVISION),
-        "llama2.c's 260K-parameter TinyStories model (1 MB) and its 512-token tokenizer; context 512"),
-    "stories15M": _stories("stories15M", "stories15M.bin", None, _LLAMA2_TOKENIZER,
-                           "llama2.c's 15M-parameter TinyStories model (58 MB), Llama 2's tokenizer; context 256"),
-    "stories42M": _stories("stories42M", "stories42M.bin", None, _LLAMA2_TOKENIZER,
-                           "llama2.c's 42M-parameter TinyStories model (160 MB), Llama 2's tokenizer; context 1024"),
-    "stories110M": _stories("stories110M", "stories110M.bin", None, _LLAMA2_TOKENIZER,
-                            "llama2.c's 110M-parameter TinyStories model (420 MB), Llama 2's tokenizer; context 1024"),
-    "test-assets": Shortcut(
-        "the real files the tests read (LLAMA_TEST_ASSETS, default ../shared/assets), as they are; Llama 3's "
-        "tokenizer only with access to the gated meta-llama/Meta-Llama-3-8B", (
-            Remote(TINYLLAMAS, "stories260K/stories260K.bin", "stories260K.bin",
-                   "b0a507e7ad0f626624f17112325e66691f9076d622e1d3274d103d00299f2696", TINYLLAMAS_REVISION),
-            Remote(TINYLLAMAS, "stories260K/tok512.model", "tok512.model",
-                   "822b28dcdee7b4f2de3332e0066a3f33688e08afb26e9e7808a58aa6426bd55b", TINYLLAMAS_REVISION),
-            Remote(TINYLLAMAS, "stories260K/tok512.bin", "tok512.bin",
-                   "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312", TINYLLAMAS_REVISION),
-            Remote(_LLAMA2_TOKENIZER.repo, "tokenizer.model", "llama_tokenizer.model", LLAMA2_TOKENIZER),
-            Remote("meta-llama/Meta-Llama-3-8B", "original/tokenizer.model", "llama3_tokenizer.model",
-                   "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"),
-        ), llama2c=False),
+    # llama2.c's TinyStories models: 260K parameters (1 MB, its own 512-token tokenizer, context 512), 15M (about
+    # 60 MB, context 256), 42M (about 170 MB, context 1024), 110M (about 440 MB, context 1024); Llama 2's tokenizer
+    "stories260K": _stories("stories260K", "stories260K/stories260K.bin", _STORIES260K, _TOK512),
+    "stories15M": _stories("stories15M", "stories15M.bin", None, _LLAMA2_TOKENIZER),
+    "stories42M": _stories("stories42M", "stories42M.bin", None, _LLAMA2_TOKENIZER),
+    "stories110M": _stories("stories110M", "stories110M.bin", None, _LLAMA2_TOKENIZER),
+    # the real files the tests read (LLAMA_TEST_ASSETS, default ../shared/assets), as they are; Llama 3's tokenizer
+    # only with access to the gated meta-llama/Meta-Llama-3-8B
+    "test-assets": Shortcut((
+        Remote(TINYLLAMAS, "stories260K/stories260K.bin", "stories260K.bin", _STORIES260K, TINYLLAMAS_REVISION),
+        _TOK512,
+        Remote(TINYLLAMAS, "stories260K/tok512.bin", "tok512.bin",
+               "037cb335abb25d1fa9e8ecae30ed2a3a8ace9302862ebcdc05d51a6bbb10c312", TINYLLAMAS_REVISION),
+        Remote(_LLAMA2_TOKENIZER.repo, "tokenizer.model", "llama_tokenizer.model", LLAMA2_TOKENIZER),
+        Remote("meta-llama/Meta-Llama-3-8B", "original/tokenizer.model", "llama3_tokenizer.model",
+               "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"),
+    ), llama2c=False),
 }
 
 
@@ -96,7 +90,8 @@ def main(repo: str, include: Optional[List[str]] = None, dir: Optional[str] = No
     Hub and a token: `hf auth login`, or HF_TOKEN.
 
     Args:
-        repo: a Hub repository such as TinyLlama/TinyLlama-1.1B-Chat-v1.0 or meta-llama/Llama-2-7b, or a shortcut.
+        repo: a Hub repository such as TinyLlama/TinyLlama-1.1B-Chat-v1.0 or meta-llama/Meta-Llama-3-8B, or a
+            shortcut.
         include: only the files matching these patterns (e.g. "original/*" for a meta-llama repository's Meta-
             layout files, "*.safetensors" "*.json" "tokenizer.model"); default: every file.
         dir: the folder to write; default: checkpoints/NAME in the current folder.

@@ -76,8 +76,9 @@ class Llama:
         The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens: that many requests run
         at once, and more wait. `max_seq_len` (prompt plus answer) defaults to the checkpoint's own context
         (params.json's `max_seq_len`, a Hugging Face config's `max_position_embeddings`), or to
-        DEFAULT_MAX_SEQ_LEN (2048) when it states none. A step prefills at most `prefill_chunk` prompt tokens. `lora` is a PEFT
-        LoRA adapter folder merged into the weights as they load (llama.lora). `chat_format` ('llama2',
+        llama.loading.DEFAULT_MAX_SEQ_LEN (2048) when it states none. A step prefills at most
+        `prefill_chunk` prompt tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they
+        load (llama.lora). `chat_format` ('llama2',
         'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
         stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's

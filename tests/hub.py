@@ -7,9 +7,9 @@
 
 Point huggingface_hub at it with HF_ENDPOINT. Faults make it misbehave on purpose, per file: `cut` sends that
 many bytes of the first GET then drops the connection; `stall` sends that many bytes then waits `stall_s`
-seconds; `fail` answers 500; `corrupt` flips a byte of every GET (or only of the first, `corrupt_once`); a repository in `gated`
-answers 401 the Hub's way unless the request has `token`. `requests` records every request: method, path and
-headers.
+seconds; `fail` answers 500; `corrupt` flips a byte of every GET (or only of the first, `corrupt_once`); a
+repository in `gated` answers 401 the Hub's way unless the request has `token`. `requests` records every
+request: method, path and headers.
 """
 import hashlib
 import json

@@ -97,8 +97,9 @@ def test_values_arrive_as_typed():
 
 def test_errors_name_flags_not_python_arguments():
     flags = cli.flags_of(generate.main)
-    assert cli.flag_names("prompt 0 has 15 tokens, more than max_seq_len=4: shorten it or raise max_seq_len",
-                          flags) == "prompt 0 has 15 tokens, more than --max_seq_len=4: shorten it or raise --max_seq_len"
+    message = "prompt 0 has 15 tokens, more than max_seq_len=4: shorten it or raise max_seq_len"
+    assert cli.flag_names(message, flags) == \
+        "prompt 0 has 15 tokens, more than --max_seq_len=4: shorten it or raise --max_seq_len"
     assert cli.flag_names("device='bogus' is not a device", flags) == "--device='bogus' is not a device"
     assert cli.flag_names("no file /tmp/top_p/x; --top_p=2", flags) == "no file /tmp/top_p/x; --top_p=2"
 

@@ -51,7 +51,8 @@ def hub(hf_files, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", h.url)
         # what huggingface_hub read from HF_ENDPOINT at import (this process imported it before the hub was up)
         monkeypatch.setattr(constants, "ENDPOINT", h.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", h.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            h.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -214,7 +215,7 @@ def test_llama2c_files_read_as_their_weights(llama2c_model, tmp_path):
 def test_a_shortcut_arrives_converted(hub, llama2c_model, tmp_path, monkeypatch, capsys):
     data, tok, sd = llama2c_model
     hub.repos["someone/stories"] = {"m/model.bin": data, "m/tok.model": tok}
-    shortcut = download.Shortcut("a test model", (
+    shortcut = download.Shortcut((
         download.Remote("someone/stories", "m/model.bin", "storiesT.bin", None, "0" * 40),
         download.Remote("someone/stories", "m/tok.model", "tok.model", hashlib.sha256(tok).hexdigest())))
     monkeypatch.setitem(download.SHORTCUTS, "storiesT", shortcut)
@@ -228,7 +229,7 @@ def test_a_shortcut_arrives_converted(hub, llama2c_model, tmp_path, monkeypatch,
     state = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert all(torch.equal(state[name], sd[name]) for name in sd)
     # a pinned checksum the Hub's file does not match: refused
-    monkeypatch.setitem(download.SHORTCUTS, "storiesT", download.Shortcut("x", (
+    monkeypatch.setitem(download.SHORTCUTS, "storiesT", download.Shortcut((
         download.Remote("someone/stories", "m/model.bin", "storiesT.bin", "ab" * 32), shortcut.files[1])))
     assert fetch("storiesT", "--dir", tmp_path / "again") == 1
     assert "is not the file this shortcut expects" in capsys.readouterr().err

@@ -79,7 +79,8 @@ def _max_new(g: Llama, prompt_len: int, max_tokens: Optional[int], what: str) ->
     if prompt_len + max_tokens > limit:
         raise invalid(f"the {what} is {prompt_len} tokens long and max_tokens={max_tokens}: together more than this "
                       f"model's context of max_seq_len={limit} tokens (the server's --max_seq_len); ask for at most "
-                      f"{limit - prompt_len} tokens or shorten the {what}", "max_tokens", code="context_length_exceeded")
+                      f"{limit - prompt_len} tokens or shorten the {what}", "max_tokens",
+                      code="context_length_exceeded")
     return max_tokens
 
 

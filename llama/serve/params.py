@@ -150,8 +150,8 @@ class Message(_Body):
     def _text(cls, v: Any) -> str:
         if isinstance(v, str):
             return v
-        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       for p in v):
+        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in v):
             return "".join(p["text"] for p in v)
         raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts (this model reads text '
                          "only)")
