@@ -210,3 +210,52 @@ def test_the_package_holds_every_command():
     for name in ("example.py", "chat.py", "serve.py"):
         code = (ROOT / name).read_text()
         assert "from llama.commands." in code and "def main" not in code
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """llama-serve's main up to the point where it would serve: what it hands the server."""
+    got = {}
+
+    def serve_rank0(build, service, config, sock):
+        got.update(build=build, service=service, config=config, address=sock.getsockname())
+        sock.close()
+    monkeypatch.setattr("llama.serve.server.serve_rank0", serve_rank0)
+    return got
+
+
+def test_llama_serve_takes_the_context_and_name_from_the_checkpoint(served, tiny_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    ckpt = tmp_path / "my-model"
+    shutil.copytree(tiny_ckpt, ckpt)
+    params = json.loads((ckpt / "params.json").read_text())
+    (ckpt / "params.json").write_text(json.dumps({**params, "max_seq_len": 96}))
+    monkeypatch.setenv("LLAMA_API_KEY", "from-the-environment")
+    assert cli.run(serve.main, ["--ckpt_dir", str(ckpt), "--port", "0", "--nopage", "--max_batch_size", "2"]) == 0
+    service, config = served["service"], served["config"]
+    assert (service.model_name, service.max_seq_len) == ("my-model", 96)  # known before the model loads
+    assert (config.api_key, config.page, served["address"][0]) == ("from-the-environment", False, "127.0.0.1")
+    g = served["build"]()
+    assert (g.max_seq_len, g.max_batch_size) == (96, 2)
+    assert cli.run(serve.main, ["--ckpt_dir", str(ckpt), "--port", "0", "--max_seq_len", "48"]) == 0
+    assert served["service"].max_seq_len == 48 and served["build"]().max_seq_len == 48
+
+
+def test_llama_serve_without_a_checkpoint_serves_the_demo(served, capsys):
+    assert cli.run(serve.main, ["--port", "0", "--model_name", "0x1F", "--api_key", "k#1"]) == 0
+    assert served["service"].model_name == "0x1F" and served["config"].api_key == "k#1"  # strings stay strings
+    assert served["service"].max_seq_len == 2048 and served["build"]().max_seq_len == 2048
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port=70000 must be an integer from 0 to 65535"),
+    (["--max_queue", "-1"], "--max_queue=-1 must be an integer >= 0"),
+    (["--stream_interval", "2"], "--stream_interval=2 must be seconds from 0 to 1"),
+    (["--api_key", " "], "--api_key is empty"),
+])
+def test_llama_serve_bad_flags_are_one_line_errors(served, argv, message, capsys):
+    assert cli.run(serve.main, argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not served
