@@ -1,18 +1,24 @@
-"""Process group, fairscale model-parallel groups, device and dtype choice."""
+"""Process groups and fairscale's model parallelism: device and dtype choice, the model made
+model-parallel (`parallelize_`), errors agreed on by every rank (`on_every_rank`), and rank 0's
+decisions sent to the other ranks each step (`StepChannel`, `follow`)."""
 from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import hashlib
 import io
 import logging
 import os
 import pickle
-from typing import Any, Callable, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel import layers as fairscale_layers
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from torch import nn
 
 from llama.errors import CheckpointError, LogitsError, NonFiniteError
 
@@ -102,6 +108,13 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
     return fs_init.get_model_parallel_rank(), mp_size
 
 
+def model_parallel() -> Tuple[int, int]:
+    """(this process's model-parallel rank, the model-parallel size); (0, 1) before any set-up."""
+    if not fs_init.model_parallel_is_initialized():
+        return 0, 1
+    return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
 def end_process_group() -> None:
     """Close fairscale's groups and the process group, if set up (a later Llama.build sets them up again)."""
     if fs_init.model_parallel_is_initialized():
@@ -156,6 +169,15 @@ def on_every_rank(step: Callable[[], T], same: Any = None, what: str = "argument
     raise cls(f"rank {rank}: {message}" if cls is not RankError else f"rank {rank}: {kind}: {message}")
 
 
+def smallest_on_every_rank(value: int) -> int:
+    """The smallest of every rank's `value` (e.g. the KV-cache blocks each one's memory holds)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes that can still be allocated on `device`: free CUDA memory, or MemAvailable on Linux CPUs."""
     if device.type == "cuda":
@@ -168,3 +190,121 @@ def available_memory(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+# Model parallelism as a transform of a model built whole.
+
+# How each linear of a block is split across model-parallel ranks: "column" splits its outputs (each
+# rank computes some heads, some hidden units, some logits), "row" its inputs (each rank's partial
+# outputs are summed).
+PARALLEL_LINEARS = {"wqkv": "column", "w13": "column", "output": "column", "wo": "row", "w2": "row"}
+
+
+@contextlib.contextmanager
+def _without_fairscale_init() -> Iterator[None]:
+    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway.
+
+    Above one process fairscale fills each weight by allocating the whole matrix in float32 and
+    copying this rank's slice out of it, which would double the peak memory of a load. It cannot be
+    pointed at the meta device either (the slice is copied into a CPU tensor), so its filler is
+    switched off while a layer is built.
+    """
+    fill = fairscale_layers._initialize_affine_weight
+    fairscale_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fairscale_layers._initialize_affine_weight = fill
+
+
+def parallelize_(model: nn.Module) -> nn.Module:
+    """Make a model built whole (llama.model.Transformer, best on the meta device) this rank's part of
+    a model-parallel one: its linears become fairscale's column- or row-parallel layers as
+    PARALLEL_LINEARS says, its embedding a ParallelEmbedding, and its attention and feed-forward
+    blocks keep this rank's heads and hidden units. Nothing changes at model-parallel size 1."""
+    mp = model_parallel()[1]
+    if mp == 1:
+        return model
+    args = model.params
+    if args.n_heads % mp or args.n_kv_heads % mp:
+        raise ValueError(f"n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} must both be divisible by the "
+                         f"model-parallel size {mp}: run with fewer processes")
+    device = model.tok_embeddings.weight.device
+    keep = lambda w: w  # noqa: E731 - a checkpoint fills the weights: no random init
+    with _without_fairscale_init(), torch.device(device):
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                kind = PARALLEL_LINEARS.get(name)
+                if kind == "column" and isinstance(child, nn.Linear):
+                    layer = ColumnParallelLinear(child.in_features, child.out_features, bias=False,
+                                                 gather_output=name == "output", init_method=keep)
+                elif kind == "row" and isinstance(child, nn.Linear):
+                    layer = RowParallelLinear(child.in_features, child.out_features, bias=False,
+                                              input_is_parallel=True, init_method=keep)
+                elif isinstance(child, nn.Embedding):
+                    layer = ParallelEmbedding(child.num_embeddings, child.embedding_dim, init_method=keep)
+                else:
+                    continue
+                setattr(module, name, layer)
+            if hasattr(module, "n_local_heads"):  # attention: this rank's heads
+                module.n_local_heads //= mp
+                module.n_local_kv_heads //= mp
+            if hasattr(module, "hidden_local"):  # feed-forward: this rank's hidden units
+                module.hidden_local //= mp
+    return model
+
+
+# Rank 0's decisions, step by step.
+
+SHUTDOWN = "shutdown"  # sent instead of a plan: rank 0 stopped serving
+LOCATE = "locate"  # sent with failed rows instead of a step's events: every rank re-runs the step (Runner.recover)
+# A follower waits for rank 0's next plan while rank 0 is idle: only rank 0's exit (which breaks the
+# connection at once) or its shutdown should end that wait.
+_IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+class StepChannel:
+    """Rank 0's messages to the other ranks of its model-parallel group (plans, events), on a gloo group
+    of their own: plain Python objects, pickled."""
+
+    def __init__(self):
+        self.group, self.src = _control_group()
+
+    def send(self, message: Any) -> None:
+        dist.broadcast_object_list([message], src=self.src, group=self.group)
+
+    def receive(self) -> Any:
+        box: List[Any] = [None]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+
+def follow(channel: StepChannel, runner, apply: Callable[[Any], None]) -> bool:
+    """(a rank above 0) One of rank 0's steps: receive its plan, run its forwards, hand its events to
+    `apply`. False once rank 0 has shut down."""
+    plan = channel.receive()
+    if plan == SHUTDOWN:
+        return False
+    runner.forward(plan)
+    events = channel.receive()
+    if isinstance(events, tuple) and events[0] == LOCATE:
+        runner.recover(plan, events[1])
+        events = channel.receive()
+    apply(events)
+    return True
+
+
+def _control_group() -> Tuple[object, int]:
+    """A gloo group of this rank's model-parallel ranks, and the global rank of its rank 0. Every rank
+    creates every group (new_group is collective), in the same order."""
+    mp = fs_init.get_model_parallel_world_size()
+    mine = dist.get_process_group_ranks(fs_init.get_model_parallel_group())
+    group = None
+    for start in range(0, dist.get_world_size(), mp):
+        ranks = list(range(start, start + mp))
+        g = dist.new_group(ranks, backend="gloo", timeout=_IDLE_TIMEOUT)
+        if ranks == mine:
+            group = g
+    if group is None:
+        raise RuntimeError(f"model-parallel ranks {mine} are not consecutive: cannot set up the engine's group")
+    return group, mine[0]

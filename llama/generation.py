@@ -19,8 +19,8 @@ from llama.errors import check_positive_int
 from llama.loading import load_model
 from llama.model import Transformer
 from llama.quantize import check_mode
-from llama.sampling import check_sampling
-from llama.text import check_stop, decode_continuation
+from llama.sampling import SamplingParams
+from llama.text import decode_continuation
 from llama.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class Llama:
         lora: Optional[str] = None,
         chat_format: Optional[str] = None,
         group_size: Optional[int] = None,
+        kv_cache_tokens: Optional[int] = None,
+        prefix_cache: bool = True,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -73,13 +75,16 @@ class Llama:
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
 
-        The KV cache holds `max_batch_size` sequences of `max_seq_len` tokens: that many requests run
-        at once, and more wait. `max_seq_len` (prompt plus answer) defaults to the checkpoint's own context
-        (params.json's `max_seq_len`, a Hugging Face config's `max_position_embeddings`), or to
-        llama.loading.DEFAULT_MAX_SEQ_LEN (2048) when it states none. A step prefills at most
-        `prefill_chunk` prompt tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they
-        load (llama.lora). `chat_format` ('llama2',
-        'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
+        At most `max_batch_size` requests run at once, each up to `max_seq_len` tokens; more wait.
+        `max_seq_len` defaults to the checkpoint's own context (params.json's `max_seq_len`, a Hugging Face
+        config's `max_position_embeddings`), or to llama.loading.DEFAULT_MAX_SEQ_LEN (2048) when it states
+        none. The requests' keys and values live in a paged KV cache of `kv_cache_tokens` positions, all
+        of them together (default max_batch_size x max_seq_len, or what fits in memory), where a request takes
+        blocks as it grows; when it runs out, the newest request is preempted and recomputed later. With
+        `prefix_cache`, a prompt that starts like an earlier one (a chat's history, a shared system
+        prompt) reuses that prefix's keys and values. A step prefills at most `prefill_chunk` prompt
+        tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora).
+        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
         stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
         in-features; layers none divides stay int8; see llama.quantize).
@@ -96,12 +101,18 @@ class Llama:
         dtype = resolve_dtype(dtype, device)
         check_mode(quantize, group_size)
         check_chat_format_name(chat_format)
+        if kv_cache_tokens is not None:
+            check_positive_int("kv_cache_tokens", kv_cache_tokens)
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache={prefix_cache!r} must be True or False")
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
-                                      compile=compile, quantize=quantize, lora=lora, group_size=group_size)
-        return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format)
+                                      compile=compile, quantize=quantize, lora=lora, group_size=group_size,
+                                      kv_cache_tokens=kv_cache_tokens)
+        return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format,
+                     prefix_cache=prefix_cache)
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 128,
-                 chat_format: Optional[str] = None):
+                 chat_format: Optional[str] = None, prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.chat_format = check_chat_format(chat_format, tokenizer)  # the name in use, default resolved
@@ -109,7 +120,7 @@ class Llama:
         self.generator = torch.Generator().manual_seed(seed)  # draws the seeds of calls made without one
         self._seed_lock = threading.Lock()
         self._spmd_call: Optional[int] = None  # the thread in a call, under model parallelism without serving
-        self.engine = Engine(model, tokenizer, prefill_chunk)
+        self.engine = Engine(model, tokenizer, prefill_chunk, prefix_cache)
 
     @property
     def max_seq_len(self) -> int:
@@ -253,7 +264,8 @@ class Llama:
         returns the same scores.
         """
         seqs, starts = self._agreed(lambda: self._check_pairs(pairs), pairs, "pairs")
-        requests = [Request(prompt=s, max_new=0, prompt_stats=True, index=i) for i, s in enumerate(seqs)]
+        params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=True)
+        requests = [Request(prompt=s, params=params, max_new=0, index=i) for i, s in enumerate(seqs)]
         self._submit(requests)
         self._wait(requests)
         scores = []
@@ -322,11 +334,11 @@ class Llama:
                                on_change=on_change)
         return Completion(self, requests[0])
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
         """Serve requests from other threads until `shutdown`. On rank 0, call it in a thread of its own
-        and make calls from any other threads; on every other rank, call it instead of making calls: it
-        runs rank 0's steps and returns once rank 0 shuts down."""
-        self.engine.serve_forever()
+        and make calls from any other threads once `on_ready` has been called; on every other rank, call
+        it instead of making calls: it runs rank 0's steps and returns once rank 0 shuts down."""
+        self.engine.serve_forever(on_ready)
 
     def compile_all(self) -> int:
         """With compile=True: compile the decode step for every bucket now (on every rank alike, before
@@ -349,25 +361,23 @@ class Llama:
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None."""
 
-        def check() -> Tuple[List[str], List[int], int]:
-            check_sampling(temperature, top_p, top_k)
+        def check() -> Tuple[SamplingParams, int]:
             if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
                 raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-                raise ValueError(f"seed={seed!r} must be an integer or None")
+            params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
+                                    stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
+                                    prompt_logprobs=logprobs and echo)
             self._check_prompts(prompt_tokens)
-            extra = list(stop_tokens or [])
-            if not all(isinstance(t, int) and 0 <= t < self.model.vocab_size for t in extra):
+            if not all(t < self.model.vocab_size for t in params.stop_token_ids):
                 raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
-            return check_stop(stop), extra, self._draw_seed() if seed is None else seed
+            return params, self._draw_seed() if seed is None else seed
 
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed)
-        stops, extra, base_seed = self._agreed(check, same, "prompts or sampling arguments")
-        stop_ids = self.tokenizer.stop_ids | frozenset(extra)
-        requests = [Request(prompt=list(p), max_new=min(max_gen_len, self.max_seq_len - len(p)),
-                            temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, stop=stops,
-                            text_context=None if contexts is None else list(contexts[i]), logprobs=logprobs,
-                            prompt_stats=logprobs and echo, seed=base_seed + i, index=i, follow=follow)
+        params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
+        stop_ids = self.tokenizer.stop_ids | params.stop_token_ids
+        requests = [Request(prompt=list(p), params=params, max_new=min(max_gen_len, self.max_seq_len - len(p)),
+                            seed=base_seed + i, stop_ids=stop_ids,
+                            text_context=None if contexts is None else list(contexts[i]), index=i, follow=follow)
                     for i, p in enumerate(prompt_tokens)]
         self._submit(requests, max_waiting, on_change)
         return requests
@@ -581,6 +591,11 @@ class Completion:
     def prompt_logprobs(self) -> List[float]:
         """Of prompt tokens 1.., with logprobs and echo."""
         return self.request.prompt_logprobs
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (known once it started)."""
+        return self.request.cached_tokens
 
     @property
     def ttft(self) -> Optional[float]:

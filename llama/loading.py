@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from llama.checkpoint import MetaCheckpoint, linear_inputs
-from llama.distributed import available_memory, on_every_rank, setup_model_parallel
+from llama.distributed import (available_memory, on_every_rank, parallelize_, setup_model_parallel,
+                               smallest_on_every_rank)
 from llama.errors import CheckpointError, NonFiniteError, check_positive_int
 from llama.hf import HFCheckpoint, is_hf_folder
 from llama.lora import open_adapter
-from llama.model import ModelArgs, Transformer
+from llama.model import BLOCK_SIZE, ModelArgs, Transformer
 from llama.numerics import all_finite
 from llama.quantize import describe, pack_int4_, plan, prepare_quantized_, quantize_model_
 from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
@@ -74,7 +75,8 @@ def resolve_max_seq_len(max_seq_len: Optional[int], context: Optional[int]) -> i
 def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Optional[int], max_batch_size: int,
                mp_size: int, device: torch.device, dtype: torch.dtype, compile: bool = False,
                quantize: Optional[str] = None, lora: Optional[str] = None,
-               group_size: Optional[int] = None) -> Tuple[Transformer, AnyTokenizer]:
+               group_size: Optional[int] = None, kv_cache_tokens: Optional[int] = None
+               ) -> Tuple[Transformer, AnyTokenizer]:
     """This rank's model, loaded and ready to decode, and the tokenizer. `max_seq_len` None: the checkpoint's own
     context (resolve_max_seq_len).
 
@@ -85,6 +87,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
     folder, is merged into each tensor as it is read (llama.lora), before any quantizing. `quantize`
     ("int8", "int4" with `group_size`) quantizes the loaded weights; a checkpoint from
     scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel.
+    The KV cache holds `kv_cache_tokens` positions (see cache_blocks).
     """
     tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
@@ -108,25 +111,25 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
 
     ckpt, tokenizer, args, adapter, layout = on_every_rank(open_files)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = parallelize_(Transformer(args))
         if ckpt.quantized:
             prepare_quantized_(model, ckpt.layout)  # the layout of a checkpoint from scripts/quantize.py
     materialize_(model, device, dtype)
 
-    def load() -> None:  # what one rank can fail at alone: its own files, its own memory
+    def load() -> int:  # what one rank can fail at alone: its own files, its own memory
         tensors = ckpt.rank_tensors(rank, mp_size, dtype, device, log_progress=rank == 0,
                                     into=model.checkpoint_target)
         if adapter is not None:  # LoRA: merged into each tensor in place, before quantizing
             tensors = adapter.merged(tensors, rank, mp_size)
         check_finite(tensors, ckpt_dir)
-        check_cache_fits(args, mp_size, dtype, device)
+        return cache_blocks(args, kv_cache_tokens, mp_size, dtype, device)
 
-    on_every_rank(load)
+    num_blocks = smallest_on_every_rank(on_every_rank(load))  # rank 0 hands out blocks every rank has
     model.eval()
     if quantize is not None:
         quantize_model_(model, layout)
     pack_int4_(model)
-    model.setup_cache(max_batch_size, args.max_seq_len, device, dtype)
+    model.setup_cache(num_blocks, BLOCK_SIZE, args.max_seq_len, device, dtype)
     if compile:
         model.compile_()
     log.info("loaded %s (%d file(s), %s%s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype,
@@ -157,18 +160,41 @@ def check_finite(tensors: Iterable[Tuple[str, torch.Tensor]], source) -> None:
                                  "or convert it again")
 
 
-def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one rank's KV cache: keys and values for every layer, batch row and position."""
-    per_token = 2 * args.n_layers * (args.n_kv_heads // mp_size) * args.head_dim * dtype.itemsize
-    return per_token * args.max_batch_size * args.max_seq_len
+def kv_cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of one rank's KV cache for `tokens` positions: keys and values for every layer."""
+    return 2 * args.n_layers * (args.n_kv_heads // mp_size) * args.head_dim * dtype.itemsize * tokens
 
 
-def check_cache_fits(args: ModelArgs, mp_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    need, free = kv_cache_bytes(args, mp_size, dtype), available_memory(device)
-    if free is not None and need > 0.9 * free:
-        gib = 2**30
-        raise MemoryError(
-            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} needs "
-            f"{need / gib:.2f} GiB on {device} but only {free / gib:.2f} GiB is free after loading the weights: "
-            f"lower max_batch_size or max_seq_len (the cache grows with their product; max_seq_len defaults to the "
-            f"checkpoint's context), or use more processes")
+def cache_blocks(args: ModelArgs, kv_cache_tokens: Optional[int], mp_size: int, dtype: torch.dtype,
+                 device: torch.device) -> int:
+    """The KV cache's blocks (the padding block included) for `kv_cache_tokens` positions, all sequences
+    together; by default max_batch_size x max_seq_len, or as many as 90% of the memory left after the
+    weights holds, if fewer, but never fewer than one max_seq_len sequence's."""
+    per_token = kv_cache_bytes(args, mp_size, dtype, 1)
+    free = available_memory(device)
+    room = None if free is None else int(0.9 * free) // per_token
+    capped = False
+    if kv_cache_tokens is None:
+        tokens = args.max_batch_size * args.max_seq_len
+        if room is not None and room < tokens:
+            tokens, capped = max(room, args.max_seq_len), True
+    else:
+        tokens = check_positive_int("kv_cache_tokens", kv_cache_tokens)
+        if tokens < args.max_seq_len:
+            raise ValueError(f"kv_cache_tokens={tokens} is less than max_seq_len={args.max_seq_len}: the cache "
+                             "must hold at least one whole sequence; raise kv_cache_tokens or lower max_seq_len")
+    if room is not None and tokens > room:
+        fix = ("lower max_seq_len (by default the checkpoint's context; the cache holds at least one whole "
+               "sequence)" if kv_cache_tokens is None
+               else "lower kv_cache_tokens")
+        raise MemoryError(f"the KV cache for {tokens} positions needs {_size(per_token * tokens)} on {device} but "
+                          f"only {_size(free)} is free after loading the weights: {fix}, or use more processes")
+    if capped:
+        log.warning("the KV cache gets %d positions, the most that fit on %s, rather than max_batch_size=%d x "
+                    "max_seq_len=%d: requests beyond what it holds wait", tokens, device, args.max_batch_size,
+                    args.max_seq_len)
+    return 1 + -(-tokens // BLOCK_SIZE)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -1,30 +1,33 @@
-"""The LLaMA transformer: RMSNorm, RoPE, grouped-query attention over a KV cache, SwiGLU.
+"""The LLaMA transformer: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU.
 
 One forward serves prefill, decode and scoring, eagerly or compiled: tokens (B, T) at positions
-(B, T), written to KV-cache rows `slots`. At model-parallel size 1 the linears are plain
-`nn.Linear`; above it, fairscale's column- and row-parallel layers.
+(B, T). Each layer's KV cache is a pool of blocks of `block_size` positions; row b writes its
+tokens' keys and values to the cache slots `slots` (B, T) (block * block_size + offset) and reads
+its keys through its block table (B, W): its positions j * block_size ... (j + 1) * block_size - 1
+live in block `block_table[b, j]`. Block 0 holds no sequence: tables are padded with it, and
+padding tokens write there.
 
-Parameter names follow Meta's `consolidated.NN.pth` checkpoints, except that wq/wk/wv are one
-`wqkv` and w1/w3 one `w13` (one matmul each per step); `load_state_dict` takes Meta's names too.
+The model is built with plain linears; `llama.distributed.parallelize_` turns it into fairscale's
+column- and row-parallel layers for model parallelism. Parameter names follow Meta's
+`consolidated.NN.pth` checkpoints, except that wq/wk/wv are one `wqkv` and w1/w3 one `w13` (one
+matmul each per step); `load_state_dict` takes Meta's names too.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import types
 from dataclasses import dataclass, fields
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel import layers as fairscale_layers
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
 from llama.errors import check_positive_int
 
 log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # positions per KV-cache block
 
 @dataclass
 class ModelArgs:
@@ -97,14 +100,6 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
-def model_parallel_size() -> int:
-    return fs_init.get_model_parallel_world_size()
-
-
-def _keep(w: torch.Tensor) -> torch.Tensor:
-    return w  # a checkpoint fills the weights: skip fairscale's random init
-
-
 class Linear(nn.Linear):
     """A bias-free nn.Linear whose weight starts empty, for a checkpoint to fill (no draw from the global RNG)."""
 
@@ -120,40 +115,6 @@ class Embedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         pass
-
-
-@contextlib.contextmanager
-def _without_fairscale_init() -> Iterator[None]:
-    """Build fairscale layers without filling their weights, which the checkpoint replaces anyway.
-
-    Above one process fairscale fills each weight by allocating the whole matrix in float32 and
-    copying this rank's slice out of it, which would double the peak memory of a load. It cannot be
-    pointed at the meta device either (the slice is copied into a CPU tensor), so its filler is
-    switched off while a layer is built.
-    """
-    fill = fairscale_layers._initialize_affine_weight
-    fairscale_layers._initialize_affine_weight = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        fairscale_layers._initialize_affine_weight = fill
-
-
-def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
-    """A linear whose output features are split across model-parallel ranks."""
-    if model_parallel_size() == 1:
-        return Linear(in_features, out_features)
-    with _without_fairscale_init():
-        return ColumnParallelLinear(in_features, out_features, bias=False, gather_output=gather_output,
-                                    init_method=_keep)
-
-
-def row_linear(in_features: int, out_features: int) -> nn.Module:
-    """A linear whose input features are split across model-parallel ranks; outputs are all-reduced."""
-    if model_parallel_size() == 1:
-        return Linear(in_features, out_features)
-    with _without_fairscale_init():
-        return RowParallelLinear(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor, dim: torch.Tensor) -> torch.Tensor:
@@ -197,7 +158,6 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
                          scaling: Optional[dict] = None, device: Optional[torch.device] = None) -> torch.Tensor:
     """RoPE rotations as (cos, sin) pairs: shape (end, head_dim // 2, 2), float32.
 
-    Stored as real numbers, not complex, so the table survives dtype casts and torch.compile.
     `scaling` holds the keyword arguments of `scale_rope_freqs` (ModelArgs.rope_scaling).
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
@@ -207,37 +167,28 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def rotations(freqs_cis: torch.Tensor) -> torch.Tensor:
-    """What `apply_rotary_emb` takes for rows (B, T, D/2, 2) of the RoPE table: (B, T, 1, D/2) complex
-    in eager (made once per forward, not per layer), real (cos, sin) pairs under torch.compile,
-    whose inductor generates no code for complex numbers."""
-    if torch.compiler.is_compiling():
-        return freqs_cis.unsqueeze(2)
-    return torch.view_as_complex(freqs_cis).unsqueeze(2)
+def rope_table(freqs_cis: torch.Tensor) -> torch.Tensor:
+    """(end, D/2, 2, 2): for each position and pair, the factors (cos, cos) and (-sin, sin) by which
+    `apply_rotary_emb_` multiplies a pair (x0, x1) and its swap (x1, x0)."""
+    cos, sin = freqs_cis.unbind(-1)  # (end, D/2) each
+    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], -2)
 
 
-def apply_rotary_emb_(x: torch.Tensor, freqs_cis: torch.Tensor) -> None:
+def apply_rotary_emb_(x: torch.Tensor, rope: torch.Tensor) -> None:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) in place, in float32, as
-    Meta's checkpoints expect; `freqs_cis` comes from `rotations`."""
-    if x.dtype == torch.float32 and freqs_cis.is_complex():  # multiply x's complex view: no copies
-        torch.view_as_complex(x.view(x.shape[:-1] + (-1, 2))).mul_(freqs_cis)  # (B, T, H, D/2) complex
-        return
+    Meta's checkpoints expect: (x0 cos - x1 sin, x1 cos + x0 sin). `rope` (B, T, 1, D/2, 2, 2) holds
+    each token's rows of `rope_table`."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    if freqs_cis.is_complex():
-        rotated = torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis)
-    else:
-        cos, sin = freqs_cis.unbind(-1)  # (B, T, 1, D/2) each
-        x0, x1 = pairs.unbind(-1)
-        rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    rotated = torch.addcmul(pairs * rope[..., 0, :], pairs.flip(-1), rope[..., 1, :])
     x.copy_(rotated.flatten(-2))
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of queries q (B, T, H, D) to keys and values (B, Hkv, S, D) under a boolean mask
-    (B, 1, T, S), or (T == 1) none: every key is visible. Returns (B, T, H * D).
+    (B, 1, T, S). Returns (B, T, H * D).
 
-    Grouped-query attention without copying the cache: the n_rep query heads that share a kv head
-    fold into the query-length axis (query head h uses kv head h // n_rep).
+    Grouped-query attention without copying keys and values per query head: the n_rep query heads
+    that share a kv head fold into the query-length axis (query head h uses kv head h // n_rep).
     """
     B, T, H, D = q.shape
     Hkv = keys.shape[1]
@@ -256,17 +207,11 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        mp = model_parallel_size()
-        if args.n_heads % mp or args.n_kv_heads % mp:
-            raise ValueError(
-                f"n_heads={args.n_heads} and n_kv_heads={args.n_kv_heads} must both be divisible by the "
-                f"model-parallel size {mp}: run with fewer processes"
-            )
-        self.n_local_heads = args.n_heads // mp
-        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.n_local_heads = args.n_heads  # this rank's heads: llama.distributed.parallelize_ divides them
+        self.n_local_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wqkv = column_linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * self.head_dim)
-        self.wo = row_linear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.register_buffer("cache", None, persistent=False)  # set by setup_cache()
         self.register_load_state_dict_pre_hook(_fuse_checkpoint_tensors)
 
@@ -275,33 +220,24 @@ class Attention(nn.Module):
         q, kv = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
         return {"wq": q, "wk": kv, "wv": kv}
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        # (B, 2 * Hkv, S, D): the keys' heads, then the values'. Head-major, so attention reads keys
-        # and values as plain slices; together, so a step's keys and values are stored by one write.
-        shape = (max_batch_size, 2 * self.n_local_kv_heads, max_seq_len, self.head_dim)
+    def setup_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        # (blocks, block_size, 2 * Hkv, D): a position's keys, then its values, side by side, so that a
+        # step's keys and values are stored by one write and a block is read as one piece.
+        shape = (num_blocks, block_size, 2 * self.n_local_kv_heads, self.head_dim)
         self.cache = torch.zeros(shape, device=device, dtype=dtype)
 
-    @property
-    def cache_k(self) -> Optional[torch.Tensor]:
-        """The cached keys as (B, S, Hkv, D), a view (None before setup_cache)."""
-        return None if self.cache is None else self.cache[:, : self.n_local_kv_heads].transpose(1, 2)
-
-    @property
-    def cache_v(self) -> Optional[torch.Tensor]:
-        """The cached values as (B, S, Hkv, D), a view (None before setup_cache)."""
-        return None if self.cache is None else self.cache[:, self.n_local_kv_heads :].transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, rows: torch.Tensor, input_pos: torch.Tensor,
-                slots: Optional[torch.Tensor], mask: Optional[torch.Tensor], kv_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor,
+                block_table: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         heads = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # queries, keys, values of the local heads
-        apply_rotary_emb_(heads[:, :, : H + Hkv], freqs_cis)  # in place: the keys stay beside the values
+        apply_rotary_emb_(heads[:, :, : H + Hkv], rope)  # in place: the keys stay beside the values
         cache = self.cache
-        cache[rows, :, input_pos] = heads[:, :, H:]  # (B, T, 2 * Hkv, D) into each row's slot at its positions
-        # (B, 2 * Hkv, kv_len, D): a view for the first B slots, a gathered copy of other ones
-        kv = cache[:B, :, :kv_len] if slots is None else cache[slots, :, :kv_len]
-        return self.wo(attend(heads[:, :, :H], kv[:, :Hkv], kv[:, Hkv:], mask))
+        # each token's keys and values into its slot: (B * T, 2 * Hkv, D) into (blocks * block_size, 2 * Hkv, D)
+        cache.view(-1, 2 * Hkv, D).index_copy_(0, slots.reshape(-1), heads[:, :, H:].reshape(B * T, 2 * Hkv, D))
+        kv = cache.index_select(0, block_table.reshape(-1)).view(B, -1, 2 * Hkv, D)  # (B, S, 2 * Hkv, D): each row's blocks in order
+        keys, values = kv[:, :, :Hkv].transpose(1, 2), kv[:, :, Hkv:].transpose(1, 2)  # (B, Hkv, S, D) views
+        return self.wo(attend(heads[:, :, :H], keys, values, mask))
 
 
 class FeedForward(nn.Module):
@@ -309,9 +245,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.hidden_local = hidden_dim // model_parallel_size()
-        self.w13 = column_linear(dim, 2 * hidden_dim)
-        self.w2 = row_linear(hidden_dim, dim)
+        self.hidden_local = hidden_dim  # this rank's share: llama.distributed.parallelize_ divides it
+        self.w13 = Linear(dim, 2 * hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
         self.register_load_state_dict_pre_hook(_fuse_checkpoint_tensors)
 
     def parts(self) -> Dict[str, int]:
@@ -341,12 +277,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, rows, input_pos, slots, mask, kv_len) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, rows, input_pos, slots, mask, kv_len)
+    def forward(self, x, rope, mask, slots, block_table) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, slots, block_table)
         return h + self.feed_forward(self.ffn_norm(h))
-
-
-Positions = Union[int, torch.Tensor]
 
 
 class Transformer(nn.Module):
@@ -358,17 +291,14 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        if model_parallel_size() == 1:
-            self.tok_embeddings = Embedding(params.vocab_size, params.dim)
-        else:
-            with _without_fairscale_init():
-                self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.tok_embeddings = Embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = column_linear(params.dim, params.vocab_size, gather_output=True)
-        self.register_buffer("freqs_cis", None, persistent=False)  # set by setup_cache, with the KV cache
-        self.register_buffer("seq_index", None, persistent=False)  # arange(max_seq_len), for masks
-        self.compiled: Optional[object] = None  # set by compile_()
+        self.output = Linear(params.dim, params.vocab_size)
+        self.register_buffer("rope", None, persistent=False)  # set by setup_cache, with the KV cache
+        self.register_buffer("key_positions", None, persistent=False)  # arange of the most keys a row reads
+        self.block_size = 0  # set by setup_cache
+        self.compiled: Optional[CompiledForward] = None  # set by compile_()
 
     def checkpoint_target(self, name: str) -> torch.Tensor:
         """The part of this model's tensors that this rank's slice of checkpoint tensor `name` fills:
@@ -385,7 +315,7 @@ class Transformer(nn.Module):
 
     def compile_(self) -> "Transformer":
         """Compile `forward` for decode steps (prefill stays eager): the engine calls it with a fixed
-        number of rows and a fixed kv_len per bucket (see CompiledForward), so it compiles once per bucket."""
+        number of rows and of blocks per bucket (see CompiledForward), so it compiles once per bucket."""
         # Every call reads the same modules: checking their guards would cost more than a small
         # model's whole step, so they are skipped (compile again after replacing a weight).
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -400,81 +330,54 @@ class Transformer(nn.Module):
         self.compiled = CompiledForward(self, options)
         return self
 
-    def setup_cache(
-        self,
-        max_batch_size: Optional[int] = None,
-        max_seq_len: Optional[int] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        """Allocate every layer's KV cache for max_batch_size slots of max_seq_len positions, and the
-        RoPE table and index tensors for that many positions."""
-        weight = self.tok_embeddings.weight
-        max_batch_size = max_batch_size or self.params.max_batch_size
-        max_seq_len = max_seq_len or self.params.max_seq_len
-        device = device or weight.device
+    def setup_cache(self, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE,
+                    max_seq_len: Optional[int] = None, device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate every layer's KV cache, `num_blocks` blocks of `block_size` positions (block 0 being
+        the padding block; default: enough for params.max_batch_size sequences of max_seq_len), and the
+        RoPE table for max_seq_len positions (default: params.max_seq_len)."""
         p = self.params
-        self.freqs_cis = precompute_freqs_cis(p.head_dim, max_seq_len, p.rope_theta, p.rope_scaling, device)
-        self.seq_index = torch.arange(max_seq_len, device=device)
+        max_seq_len = max_seq_len or p.max_seq_len
+        check_positive_int("block_size", block_size)
+        num_blocks = num_blocks or 1 + p.max_batch_size * -(-max_seq_len // block_size)
+        check_positive_int("num_blocks", num_blocks)
+        weight = self.tok_embeddings.weight
+        device = device or weight.device
+        self.rope = rope_table(precompute_freqs_cis(p.head_dim, max_seq_len, p.rope_theta, p.rope_scaling, device))
+        self.key_positions = torch.arange(-(-max_seq_len // block_size) * block_size, device=device)
+        self.block_size = block_size
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.setup(device)
         for layer in self.layers:
-            layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype or weight.dtype)
+            layer.attention.setup_cache(num_blocks, block_size, device, dtype or weight.dtype)
 
-    @property
-    def cache_shape(self) -> Optional[Tuple[int, int]]:
-        """(max_batch_size, max_seq_len) of the KV cache, or None before setup_cache."""
-        cache = self.layers[0].attention.cache  # (B, 2 * Hkv, S, D)
-        return None if cache is None else (cache.shape[0], cache.shape[2])
+    def layout(self, batch: int, start: int, length: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions (B, T), cache slots (B, T) and block tables (B, W) for `batch` sequences of
+        `length` tokens from position `start`, row b in blocks of its own (1 + b * n, ... for n blocks
+        of max_seq_len): for calling the model directly, as tests and research code do; the engine
+        plans its own."""
+        n = self.key_positions.numel() // self.block_size
+        if (1 + batch * n) > self.layers[0].attention.cache.shape[0] or start + length > self.rope.shape[0]:
+            raise ValueError(f"{batch} rows of positions {start}..{start + length - 1} do not fit the KV cache")
+        device = self.key_positions.device
+        positions = torch.arange(start, start + length, device=device).expand(batch, length)
+        block_table = 1 + torch.arange(batch * n, device=device).view(batch, n)
+        slots = block_table.gather(1, positions // self.block_size) * self.block_size + positions % self.block_size
+        width = -(-(start + length) // self.block_size)
+        return positions, slots, block_table[:, :width]
 
-    def positions(self, tokens: torch.Tensor, input_pos: Positions) -> torch.Tensor:
-        """`input_pos` as (B, T) positions: given as such, as (B,) row starts, or as one int start."""
-        B, T = tokens.shape
-        if isinstance(input_pos, int):
-            return (self.seq_index[input_pos : input_pos + T]).expand(B, T)
-        input_pos = input_pos.to(tokens.device)
-        return input_pos.view(B, 1) + self.seq_index[:T] if input_pos.dim() == 1 else input_pos
-
-    def _check(self, tokens: torch.Tensor, input_pos: Positions, slots: Optional[torch.Tensor]) -> None:
-        B, T = tokens.shape
-        max_batch, max_seq = self.cache_shape
-        if (B if slots is None else 0) > max_batch:
-            raise ValueError(f"batch of {B} exceeds the cache's max_batch_size={max_batch}")
-        first = input_pos if isinstance(input_pos, int) else None
-        if first is not None and (first < 0 or first + T > max_seq):
-            raise ValueError(f"positions {first}..{first + T - 1} fall outside max_seq_len={max_seq}")
-
-    def hidden(self, tokens: torch.Tensor, input_pos: Positions = 0, slots: Optional[torch.Tensor] = None,
-               kv_len: Optional[int] = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim) for `tokens` (B, T), filling the KV cache.
-
-        Row b holds a sequence in KV-cache slot `slots[b]` (default: slot b); its tokens sit at
-        positions `input_pos[b]` (see `positions`) and attend to the cached keys before them and to
-        each other causally. `kv_len` bounds the keys read (default: up to the furthest position
-        when positions are given as an int, else the whole cache); positions at or past it must
-        belong to rows whose output is not used.
-        """
-        if self.cache_shape is None:
-            self.setup_cache()
-        if not torch.compiler.is_compiling():
-            self._check(tokens, input_pos, slots)
-        B, T = tokens.shape
-        if kv_len is None:
-            kv_len = input_pos + T if isinstance(input_pos, int) else self.cache_shape[1]
-        pos = self.positions(tokens, input_pos)  # (B, T)
-        rows = (self.seq_index[:B] if slots is None else slots).view(B, 1)
-        if isinstance(input_pos, int):  # one start for every row: one table slice; one query needs no mask
-            freqs_cis = rotations(self.freqs_cis[input_pos : input_pos + T].unsqueeze(0))  # (1, T, 1, D/2)
-            shared = T == 1 and kv_len == input_pos + 1
-        else:
-            freqs_cis = rotations(self.freqs_cis[pos])  # (B, T, 1, D/2)
-            shared = False
-        # (B, 1, T, kv_len): causal, by position
-        mask = None if shared else (self.seq_index[:kv_len] <= pos[..., None]).unsqueeze(1)
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               block_table: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) for `tokens` (B, T) at `positions` (B, T), whose keys and
+        values go to cache `slots` (B, T). A token attends to its row's keys at positions up to its own,
+        read through `block_table` (B, W): W blocks cover the furthest position of the row."""
+        S = block_table.shape[1] * self.block_size
+        rope = self.rope[positions].unsqueeze(2)  # (B, T, 1, D/2, 2, 2)
+        mask = (self.key_positions[:S] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal, by position
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, freqs_cis, rows, pos, slots, mask, kv_len)
+            h = layer(h, rope, mask, slots, block_table)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -482,32 +385,33 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, input_pos: Positions = 0, slots: Optional[torch.Tensor] = None,
-                kv_len: Optional[int] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                block_table: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, T, vocab_size) for every position of `tokens`; see `hidden`. Runs under
         inference mode: the result takes no part in autograd."""
-        return self.logits(self.hidden(tokens, input_pos, slots, kv_len))
+        return self.logits(self.hidden(tokens, positions, slots, block_table))
 
 
 class CompiledForward:
-    """`Transformer.forward` compiled, one copy of its code per kv_len.
+    """`Transformer.forward` compiled, one copy of its code per block-table width.
 
     Dynamo keeps compiled graphs per code object, and recompiles one only so many times (its
-    recompile_limit, 8 by default): a copy per kv_len leaves each copy just the row buckets to hold.
+    recompile_limit, 8 by default): a copy per width leaves each copy just the row buckets to hold.
     Each model gets copies of its own too: without module guards, two models (another dtype,
     another cache size) would otherwise share a graph.
     """
 
     def __init__(self, model: Transformer, options: Dict[str, object]):
         self.model, self.options = model, options
-        self.by_kv_len: Dict[int, object] = {}
+        self.by_width: Dict[int, object] = {}
 
-    def __call__(self, tokens: torch.Tensor, input_pos: Positions, slots: Optional[torch.Tensor],
-                 kv_len: int) -> torch.Tensor:
-        forward = self.by_kv_len.get(kv_len)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 block_table: torch.Tensor) -> torch.Tensor:
+        width = block_table.shape[1]
+        forward = self.by_width.get(width)
         if forward is None:
             code = Transformer.forward.__wrapped__.__code__.replace()  # the function inside inference_mode
             method = types.MethodType(types.FunctionType(code, globals(), "forward"), self.model)
             forward = torch.compile(method, fullgraph=True, dynamic=False, options=dict(self.options))
-            self.by_kv_len[kv_len] = forward
-        return forward(tokens, input_pos, slots, kv_len)
+            self.by_width[width] = forward
+        return forward(tokens, positions, slots, block_table)

@@ -1,7 +1,7 @@
 """Find where NaN/inf come from, so an fp16 overflow or a bad weight is named, not sampled."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ def first_nonfinite(model: nn.Module, run: Callable[[], object]) -> Optional[str
     return culprit[0] if culprit else None
 
 
-def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, input_pos: Union[int, torch.Tensor] = 0) -> Optional[str]:
-    """`first_nonfinite` for a forward of `tokens` at `input_pos`."""
-    return first_nonfinite(model, lambda: model(tokens, input_pos))
+def locate_nonfinite(model: nn.Module, tokens: torch.Tensor, start: int = 0) -> Optional[str]:
+    """`first_nonfinite` for a forward of `tokens` (B, T) from position `start`, each row in blocks of
+    its own (Transformer.layout)."""
+    return first_nonfinite(model, lambda: model(tokens, *model.layout(*tokens.shape[:1], start, tokens.shape[1])))

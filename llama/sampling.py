@@ -1,13 +1,17 @@
-"""Choosing the next token of each row: greedy, or temperature, then top-k, then top-p (nucleus).
+"""How a request samples (SamplingParams, checked once) and the batched sampler: greedy, or
+temperature, then top-k, then top-p (nucleus).
 
 Every row has its own parameters and its own `torch.Generator`, so a seeded row draws the same
 tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import FrozenSet, Optional, Sequence, Tuple
 
 import torch
+
+from llama.text import check_stop
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
@@ -18,6 +22,48 @@ def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]; use 1.0 to disable nucleus sampling")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} must be an integer >= 0; use 0 to disable top-k sampling")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is continued; checked when made, so that a bad value fails before any work.
+
+    `max_tokens`: new tokens at most (None: until max_seq_len). `stop`: strings that end the text
+    (the text stops before them); `stop_token_ids`: tokens that end it besides the tokenizer's own.
+    `seed`: the first prompt's generator seed (prompt i uses seed + i; None: drawn). `logprobs`:
+    report each new token's log-probability; `prompt_logprobs`: each prompt token's too (echo).
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    max_tokens: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    stop_token_ids: FrozenSet[int] = frozenset()
+    seed: Optional[int] = None
+    logprobs: bool = False
+    prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.top_k)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, -(2**63))
+        object.__setattr__(self, "stop", tuple(check_stop(None if self.stop == () else self.stop)))
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in (ids or ())):
+            raise ValueError(f"stop_token_ids={ids!r} must be token ids (integers >= 0)")
+        object.__setattr__(self, "stop_token_ids", frozenset(ids or ()))
+        for name in ("logprobs", "prompt_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
 
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float], top_k: Sequence[int],

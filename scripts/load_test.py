@@ -5,6 +5,8 @@ one at a time, and against `transformers serve --continuous-batching` on the sam
     python scripts/load_test.py --shape tinyllama-1.1b --dtype bf16 \
         --tokenizer_path ../shared/assets/llama_tokenizer.model --clients 1,8 --max_tokens 16 --compare hf
     python scripts/load_test.py --smoke       # tiny random weights, 1 and 4 clients, a few tokens: seconds
+    python scripts/load_test.py --ckpt_dir /tmp/stories260K --max_seq_len 2048 --multiturn 10 --shared_prefix 16 \
+        --capacity
 
 Each server runs in its own process (the client's work must not share the server's interpreter
 lock), started here and stopped at the end; with --compare hf both are up at once, idle in turn.
@@ -21,6 +23,13 @@ over HTTP (the servers otherwise idle) with the same request's in this process (
 turns: the HTTP and streaming cost per token as a fraction of a decode step. Absolute speeds drift
 with the machine's load: compare the ratios of one run. Progress goes to stderr, the JSON report
 to stdout.
+
+The prefix cache's checks: --multiturn N, a chat of N turns with a system prompt of --system_words
+words (each turn sends the whole conversation again), against the same server with
+--noprefix_cache, time to first token and cached prompt tokens per turn; --shared_prefix N, N chat
+requests at once sharing that system prompt, the prompt tokens computed (from /metrics) against
+the least possible; --capacity, a server of 64 rows x 2048 positions whose cache holds only 16384,
+64 requests of 100 new tokens at once (the most running at once, from /metrics), then one long one.
 """
 from __future__ import annotations
 
@@ -64,16 +73,21 @@ def _quantile(values: List[float], q: float) -> float:
 
 
 async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming completion on a connection of its own: its timings, token count and text. A bare
-    HTTP/1.1 client (chunked transfer, SSE events), light enough that it leaves the CPU to the server."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    """One streaming completion on a connection of its own: its timings, token count and text."""
+    return await _stream(host, port, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens})
+
+
+async def _stream(host: str, port: int, path: str, request: dict) -> dict:
+    """One greedy streaming request (completion or chat) on a connection of its own: its timings, token count,
+    text and usage. A bare HTTP/1.1 client (chunked transfer, SSE events), light enough that it leaves the
+    CPU to the server."""
+    body = json.dumps({**request, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
     sent = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+    writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body))
     arrivals: List[float] = []
-    tokens, text = None, []
+    tokens, text, usage = None, [], None
     try:
         status = await reader.readline()
         headers = {}
@@ -96,14 +110,16 @@ async def _one(host: str, port: int, model: str, prompt: str, max_tokens: int) -
                 if "error" in chunk:
                     raise RuntimeError(f"stream error: {chunk['error']}")
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if piece:
                         arrivals.append(now)
-                        text.append(choice["text"])
+                        text.append(piece)
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    tokens = usage["completion_tokens"]
     finally:
         writer.close()
-    return {"sent": sent, "arrivals": arrivals, "tokens": tokens, "text": "".join(text)}
+    return {"sent": sent, "arrivals": arrivals, "tokens": tokens, "text": "".join(text), "usage": usage}
 
 
 async def _level(url: str, model: str, texts: List[str], clients: int, max_tokens: int) -> dict:
@@ -264,11 +280,128 @@ def _overhead(url: str, model: str, ckpt_dir: Optional[str], dtype: Optional[str
             "fraction_of_a_step": statistics.median(ratios) - 1, "rounds": rounds}
 
 
+# The prefix cache: a multi-turn chat, requests sharing a system prompt, and a server sized by kv_cache_tokens.
+
+def _system_prompt(words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return f"Story {seed}. " + " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+def _chat(url: str, model: str, messages: List[dict], max_tokens: int) -> dict:
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    return asyncio.run(_stream(host, int(port), "/v1/chat/completions",
+                               {"model": model, "messages": messages, "max_tokens": max_tokens}))
+
+
+def _metric(url: str, name: str) -> float:
+    """A series of our /metrics (summed over its labels)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def _multiturn(servers: Dict[str, "_Server"], turns: int, repeats: int, max_tokens: int, system_words: int) -> dict:
+    """A chat of `turns` turns, each sending the whole conversation again as chat clients do, on each server in
+    turns, `repeats` times (each repeat with a system prompt of its own, so that none starts cached): time to
+    first token and the prompt tokens found cached, per turn."""
+    runs: Dict[str, List[List[dict]]] = {name: [] for name in servers}
+    for r in range(repeats):
+        system = _system_prompt(system_words, seed=r)
+        for name, server in servers.items():
+            progress(f"multi-turn chat, repeat {r + 1}/{repeats}: {name}")
+            rng = random.Random(100 + r)
+            messages, per_turn = [{"role": "system", "content": system}], []
+            for _ in range(turns):
+                messages.append({"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(8))})
+                one = _chat(server.url, "", messages, max_tokens)
+                messages.append({"role": "assistant", "content": one["text"]})
+                first = one["arrivals"][0] if one["arrivals"] else float("nan")
+                per_turn.append({"ttft_ms": (first - one["sent"]) * 1e3, "prompt_tokens": one["usage"]["prompt_tokens"],
+                                 "cached_tokens": one["usage"]["prompt_tokens_details"]["cached_tokens"]})
+            runs[name].append(per_turn)
+    out: dict = {}
+    for name, repeats_ in runs.items():
+        out[name] = [{"turn": t + 1, "ttft_ms": statistics.median(r[t]["ttft_ms"] for r in repeats_),
+                      "prompt_tokens": repeats_[0][t]["prompt_tokens"],
+                      "cached_fraction": statistics.median(r[t]["cached_tokens"] / r[t]["prompt_tokens"]
+                                                           for r in repeats_)} for t in range(turns)]
+    names = list(servers)
+    out["ratios"] = {f"ttft at turn {turns}: {names[0]} / {names[1]}": _median_range(
+        [a[-1]["ttft_ms"] / b[-1]["ttft_ms"] for a, b in zip(runs[names[0]], runs[names[1]])])}
+    return out
+
+
+def _shared_prefix(url: str, ckpt_dir: str, clients: int, system_words: int, max_tokens: int) -> dict:
+    """`clients` chat requests at once, sharing a system prompt: the prompt tokens the server computed (its
+    /metrics) against the least it could, one whole prompt plus every other one's own part."""
+    from llama.chat_format import encode_dialog
+    from llama.tokenizer import find_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, None))
+    system = {"role": "system", "content": _system_prompt(system_words, seed=1000)}
+    rng = random.Random(5)
+    dialogs = [[system, {"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(12))}]
+               for _ in range(clients)]
+    prompts_ = [encode_dialog(tokenizer, d, tokenizer.chat_format) for d in dialogs]
+    shared = min(next((k for k, (a, b) in enumerate(zip(p, prompts_[0])) if a != b), len(p)) for p in prompts_[1:])
+    least = len(prompts_[0]) + sum(len(p) - shared for p in prompts_[1:])
+    before = _metric(url, "llama_prompt_tokens_computed_total")
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+
+    async def all_at_once():
+        return await asyncio.gather(*(_stream(host, int(port), "/v1/chat/completions",
+                                              {"messages": d, "max_tokens": max_tokens}) for d in dialogs))
+
+    asyncio.run(all_at_once())
+    computed = _metric(url, "llama_prompt_tokens_computed_total") - before
+    return {"clients": clients, "prompt_tokens": sum(map(len, prompts_)), "shared_prefix_tokens": shared,
+            "least_computed": least, "computed": computed, "computed / least": computed / least}
+
+
+def _capacity(ckpt_dir: str, env: dict, scratch: Path, dtype: Optional[str], rows: int, max_seq_len: int,
+              kv_cache_tokens: int, tokens: int, long: int) -> dict:
+    """A server sized by kv_cache_tokens, not by rows x max_seq_len: `rows` requests of about `tokens` tokens
+    all run at once (the most running rows its /metrics shows), and one request of about `long` tokens runs."""
+    port = _free_port()
+    cmd = [sys.executable, "serve.py", "--port", str(port), "--max_batch_size", str(rows), "--max_seq_len",
+           str(max_seq_len), "--kv_cache_tokens", str(kv_cache_tokens), "--nopage", "--ckpt_dir", ckpt_dir]
+    cmd += ["--dtype", dtype] if dtype else []
+    progress("capacity: " + " ".join(cmd[1:]))
+    with _Server(cmd, port, scratch / "capacity.log", env) as server:
+        host = "127.0.0.1"
+        peak = [0.0]
+
+        async def watch(done: asyncio.Event):
+            while not done.is_set():
+                running = await asyncio.to_thread(_metric, server.url, "llama_requests_running")
+                peak[0] = max(peak[0], running)
+                await asyncio.sleep(0.05)
+
+        async def burst():
+            done = asyncio.Event()
+            watcher = asyncio.create_task(watch(done))
+            results = await asyncio.gather(*(_stream(host, port, "/v1/completions", {
+                "prompt": prompts(1, seed=i)[0], "max_tokens": tokens}) for i in range(rows)))
+            done.set()
+            await watcher
+            return results
+
+        results = asyncio.run(burst())
+        words = " ".join(random.Random(3).choice(_WORDS) for _ in range(long))
+        one = asyncio.run(_stream(host, port, "/v1/completions", {"prompt": words, "max_tokens": 16}))
+        used = one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
+        return {"rows": rows, "max_seq_len": max_seq_len, "kv_cache_tokens": kv_cache_tokens,
+                "requests": len(results), "completion_tokens": sum(r["tokens"] or 0 for r in results),
+                "most_running_at_once": peak[0], "preemptions": _metric(server.url, "llama_preemptions_total"),
+                "long_request_tokens": used}
+
+
 def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Optional[str] = None,
          clients="1,4,16,64", rounds: int = 1, repeats: int = 3, max_tokens: int = 128, max_seq_len: int = 512,
          compare: Optional[str] = None, hf_dir: Optional[str] = None, threads: Optional[int] = None,
          serial: bool = True, compile: bool = False, tokenizer_path: Optional[str] = None, overhead_rounds: int = 3,
-         cache_dir: Optional[str] = None, smoke: bool = False) -> None:
+         cache_dir: Optional[str] = None, smoke: bool = False, multiturn: int = 0, shared_prefix: int = 0,
+         capacity: bool = False, system_words: int = 300) -> None:
     if smoke:
         clients, max_tokens, max_seq_len, compare, threads, repeats = (1, 4), 16, 128, None, 1, 1
     levels = [int(c) for c in (clients if isinstance(clients, (list, tuple)) else str(clients).split(","))]
@@ -299,6 +432,11 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
            str(max_seq_len), "--max_queue", "4096", "--nopage", "--ckpt_dir", ckpt_dir]
     cmd += ["--dtype", dtype] if dtype else []
     cmd += ["--compile"] if compile else []
+    if multiturn or shared_prefix or capacity:
+        report["prefix_cache"] = _cache_checks(cmd, ckpt_dir, env, Path(scratch.name), dtype, multiturn, shared_prefix,
+                                               capacity, repeats, system_words)
+        print(json.dumps(report, indent=2))
+        return
     with contextlib.ExitStack() as stack:
         progress("ours: " + " ".join(cmd[1:]))
         servers = {"ours": stack.enter_context(_Server(cmd, port, Path(scratch.name) / "ours.log", env))}
@@ -316,6 +454,27 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
             report["overhead"] = _overhead(servers["ours"].url, models["ours"], ckpt_dir, dtype, max_seq_len,
                                            max_tokens, threads, compile, overhead_rounds)
     print(json.dumps(report, indent=2))
+
+
+def _cache_checks(cmd: List[str], ckpt_dir: str, env: dict, scratch: Path, dtype: Optional[str], multiturn: int,
+                  shared_prefix: int, capacity: bool, repeats: int, system_words: int) -> dict:
+    """--multiturn (against the same server with --noprefix_cache, both up at once), --shared_prefix and
+    --capacity (a server of its own, sized by --kv_cache_tokens)."""
+    out: dict = {}
+    with contextlib.ExitStack() as stack:
+        servers = {"ours": stack.enter_context(_Server(cmd, int(cmd[cmd.index("--port") + 1]), scratch / "ours.log",
+                                                       env))}
+        if multiturn:
+            port = _free_port()
+            plain = cmd[:cmd.index("--port") + 1] + [str(port)] + cmd[cmd.index("--port") + 2:] + ["--noprefix_cache"]
+            servers["ours --noprefix_cache"] = stack.enter_context(_Server(plain, port, scratch / "plain.log", env))
+            out["multiturn"] = _multiturn(servers, multiturn, repeats, 32, system_words)
+        if shared_prefix:
+            out["shared_prefix"] = _shared_prefix(servers["ours"].url, ckpt_dir, shared_prefix, system_words, 16)
+    if capacity:
+        out["capacity"] = _capacity(ckpt_dir, env, scratch, dtype, rows=64, max_seq_len=2048, kv_cache_tokens=16384,
+                                    tokens=100, long=1500)
+    return out
 
 
 def _hf_folder(ckpt_dir: str, out: Path, env: dict) -> str:

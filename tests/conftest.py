@@ -148,6 +148,12 @@ def random_model(seed: int = 0, max_seq_len: int = 64, max_batch_size: int = 4, 
     return model.eval().requires_grad_(False), sd
 
 
+def logits(model, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """The model's logits for `tokens` (B, T) from position `start`, each row in KV-cache blocks of its own:
+    what Meta's `model(tokens, start_pos)` computed."""
+    return model(tokens, *model.layout(tokens.shape[0], start, tokens.shape[1]))
+
+
 def resident_bytes(key: str) -> int:
     """This process's VmRSS (resident now) or VmHWM (the peak) from /proc/self/status, in bytes."""
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -169,7 +175,7 @@ def teacher_forced(ref, q, what: str):
     story, _ = ref.generate([[ref.tokenizer.bos_id]], max_gen_len=255, temperature=0)
     tokens = torch.tensor([[ref.tokenizer.bos_id] + story[0]])
     assert tokens.shape[1] > 200
-    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
+    ref_logits, q_logits = logits(ref.model, tokens)[0, :-1], logits(q.model, tokens)[0, :-1]
     agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
     targets = tokens[0, 1:]
     ppl_ref = F.cross_entropy(ref_logits, targets).exp().item()

@@ -4,7 +4,7 @@ import json
 import sys
 import threading
 
-from engine_workload import alone, together
+from engine_workload import alone, conversation, together
 from llama import Llama
 
 
@@ -15,7 +15,7 @@ def main(ckpt_dir: str, out: str) -> None:
         return
     server = threading.Thread(target=g.serve_forever)
     server.start()
-    report = {"alone": alone(g), "together": together(g)}
+    report = {"alone": alone(g), "together": together(g), "conversation": conversation(g)}
     g.shutdown()
     server.join(timeout=30)
     with open(out, "w") as f:

@@ -44,6 +44,19 @@ def calls(g: Llama) -> List[Callable[[], object]]:
     return out
 
 
+def conversation(g: Llama, turns: int = 4) -> List[object]:
+    """A multi-turn exchange as a chat client sends it: each turn's prompt is the last one, its answer and a
+    new message, so the prefix cache holds most of it. Each turn: (tokens, logprobs, cached prompt tokens)."""
+    rng = random.Random(1)
+    prompt = [1] + [rng.randrange(3, 500) for _ in range(20)]
+    out = []
+    for _ in range(turns):
+        c = g.submit(prompt, 8, temperature=0, logprobs=True).wait()
+        out.append([c.tokens, c.logprobs, c.cached_tokens])
+        prompt = prompt + c.tokens + [rng.randrange(3, 500) for _ in range(5)]
+    return out
+
+
 def assert_same(got, expected, where: str = "") -> None:
     """Equal, floats within 1e-4 (a batch of other rows may change the last bits of a log-probability)."""
     if isinstance(expected, float):

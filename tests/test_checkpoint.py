@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import resident_bytes, restart_peak_rss, run_python, torchrun
+from conftest import logits, resident_bytes, restart_peak_rss, run_python, torchrun
 from dist_worker import PROMPTS
 from llama import Llama, ModelArgs
 from llama.checkpoint import (assemble, full_shapes, load_shard, release_pages, split_state_dict, write_checkpoint,
@@ -90,7 +90,7 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path, tiny_ckpt):
 def test_two_shards_on_one_process_match_native(tiny_ckpt2, tiny_llama):
     g = Llama.build(str(tiny_ckpt2), max_seq_len=64, max_batch_size=4, model_parallel_size=1, device="cpu")
     tokens = torch.tensor([g.tokenizer.encode(PROMPTS[2], bos=True, eos=False)])
-    torch.testing.assert_close(g.model(tokens, 0), tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(g.model, tokens), logits(tiny_llama.model, tokens), atol=1e-5, rtol=1e-5)
     assert g.text_completion(PROMPTS, temperature=0, max_gen_len=12) == \
         tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
 
@@ -112,7 +112,7 @@ def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_pa
     ranks = [torch.load(tmp_path / f"out.rank{r}.pt", weights_only=True) for r in range(2)]
     tokens = torch.tensor([tiny_llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
     for r in ranks:
-        torch.testing.assert_close(r["logits"], tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r["logits"], logits(tiny_llama.model, tokens), atol=1e-5, rtol=1e-5)
         assert r["greedy"] == tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_main, script
+from conftest import logits, run_main, script
 from dist_worker import PROMPTS
 from llama import Llama
 from llama.checkpoint import load_shard, split_state_dict, write_checkpoint
@@ -49,13 +49,13 @@ def test_transformers_reads_our_folder_with_our_logits(tiny_hf, tiny_llama):
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref(tokens).logits
-    assert (tiny_llama.model(tokens, 0) - expected).abs().max().item() < 1e-4
+    assert (logits(tiny_llama.model, tokens) - expected).abs().max().item() < 1e-4
 
 
 def test_building_from_our_folder_matches_native(tiny_hf, tiny_llama):
     g = Llama.build(str(tiny_hf), max_seq_len=64, max_batch_size=4, model_parallel_size=1)
     tokens = torch.tensor([g.tokenizer.encode(PROMPTS[2], bos=True, eos=False)])
-    torch.testing.assert_close(g.model(tokens, 0), tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(g.model, tokens), logits(tiny_llama.model, tokens), atol=1e-5, rtol=1e-5)
     assert g.text_completion(PROMPTS, temperature=0, max_gen_len=12) == \
         tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
 
@@ -93,7 +93,7 @@ def test_a_folder_transformers_wrote_gives_its_logits(transformers_folder):
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens).logits
-    assert (g.model(tokens, 0) - expected).abs().max().item() < 1e-4
+    assert (logits(g.model, tokens) - expected).abs().max().item() < 1e-4
 
 
 def test_llama31_rope_scaling_folder_gives_its_logits_and_round_trips(tiny_ckpt, tmp_path):
@@ -115,7 +115,7 @@ def test_llama31_rope_scaling_folder_gives_its_logits_and_round_trips(tiny_ckpt,
     tokens = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(tokens).logits
-    assert (g.model(tokens, 0) - expected).abs().max().item() < 1e-4
+    assert (logits(g.model, tokens) - expected).abs().max().item() < 1e-4
     meta = convert(tmp_path / "scaled", tmp_path / "meta", "meta")
     params = json.loads((meta / "params.json").read_text())
     assert params["use_scaled_rope"] and params["rope_scale_factor"] == 8.0

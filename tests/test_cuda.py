@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import torchrun
+from conftest import logits, torchrun
 from cuda_worker import PROMPTS
 from llama import Llama
 from llama.quantize import GROUP_SIZES, CUDAInt4Kernel, Int4Linear, dequantize_int4, quantize_int4
@@ -40,7 +40,7 @@ def test_default_device_and_dtype(tiny_ckpt):
 def test_float32_logits_and_tokens_match_cpu(tiny_ckpt):
     cpu, gpu = _build(tiny_ckpt, device="cpu"), _build(tiny_ckpt, device="cuda", dtype="float32")
     tokens = torch.tensor([PROMPTS[0]])
-    torch.testing.assert_close(gpu.model(tokens.cuda(), 0).cpu(), cpu.model(tokens, 0), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(logits(gpu.model, tokens.cuda()).cpu(), logits(cpu.model, tokens), atol=2e-4, rtol=2e-4)
     expected = cpu.generate(PROMPTS, max_gen_len=24, temperature=0, logprobs=True)
     got = gpu.generate(PROMPTS, max_gen_len=24, temperature=0, logprobs=True)
     assert got[0] == expected[0]
@@ -60,7 +60,7 @@ def test_half_precision_tracks_float32(stories_ckpt, dtype, quantize):
     ref = _build(stories_ckpt, device="cuda", dtype="float32")
     low = _build(stories_ckpt, device="cuda", dtype=dtype, quantize=quantize)
     tokens = _story(ref).cuda()
-    ref_logits, low_logits = ref.model(tokens, 0)[0, :-1], low.model(tokens, 0)[0, :-1]
+    ref_logits, low_logits = logits(ref.model, tokens)[0, :-1], logits(low.model, tokens)[0, :-1]
     assert low_logits.dtype == torch.float32 and torch.isfinite(low_logits).all()
     agreement = (ref_logits.argmax(-1) == low_logits.argmax(-1)).float().mean().item()
     ppl_ref, ppl_low = (F.cross_entropy(x, tokens[0, 1:]).exp().item() for x in (ref_logits, low_logits))
@@ -73,7 +73,7 @@ def test_int8_on_gpu_matches_int8_on_cpu(tiny_ckpt):
     gpu = _build(tiny_ckpt, device="cuda", dtype="float32", quantize="int8")
     assert gpu.model.layers[0].attention.wqkv.weight.dtype == torch.int8
     tokens = torch.tensor([PROMPTS[0]])
-    torch.testing.assert_close(gpu.model(tokens.cuda(), 0).cpu(), cpu.model(tokens, 0), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(logits(gpu.model, tokens.cuda()).cpu(), logits(cpu.model, tokens), atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_int4_on_gpu_tracks_float32(stories_ckpt, caplog):
     q = _build(stories_ckpt, device="cuda", dtype="bf16", quantize="int4")
     assert q.model.layers[0].attention.wqkv.kernel.name == "cuda"
     tokens = _story(ref).cuda()
-    ref_logits, q_logits = ref.model(tokens, 0)[0, :-1], q.model(tokens, 0)[0, :-1]
+    ref_logits, q_logits = logits(ref.model, tokens)[0, :-1], logits(q.model, tokens)[0, :-1]
     agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
     ppl_ref, ppl_q = (F.cross_entropy(x, tokens[0, 1:]).exp().item() for x in (ref_logits, q_logits))
     print(f"int4 bf16: top-1 agreement {agreement:.2%}, perplexity {ppl_q:.4f} vs {ppl_ref:.4f}")
@@ -129,7 +129,7 @@ def test_int4_on_gpu_tracks_float32(stories_ckpt, caplog):
         fp16 = _build(stories_ckpt, device="cuda", dtype="fp16", quantize="int4")
     assert fp16.model.layers[0].attention.wqkv.kernel is None
     assert any("takes bf16 activations" in m for m in caplog.messages)
-    assert torch.isfinite(fp16.model(tokens, 0)).all()
+    assert torch.isfinite(logits(fp16.model, tokens)).all()
 
 
 def test_kv_cache_larger_than_the_gpu_is_refused_before_allocating(tiny_ckpt):

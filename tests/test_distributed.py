@@ -5,7 +5,7 @@ import torch
 
 import pytest
 
-from conftest import torchrun
+from conftest import logits, torchrun
 from dist_worker import PROMPTS
 
 pytestmark = pytest.mark.slow  # every test here starts processes
@@ -17,7 +17,7 @@ def test_two_processes_match_one(tiny_ckpt, tiny_ckpt2, tiny_llama, tmp_path):
     ranks = [torch.load(tmp_path / f"out.rank{r}.pt", weights_only=True) for r in range(2)]
 
     tokens = torch.tensor([tiny_llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
-    torch.testing.assert_close(ranks[0]["logits"], tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["logits"], logits(tiny_llama.model, tokens), atol=1e-5, rtol=1e-5)
     assert ranks[0]["greedy"] == tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
     # every rank holds the same gathered logits and samples the same tokens
     assert ranks[1]["greedy"] == ranks[0]["greedy"] and ranks[1]["sampled"] == ranks[0]["sampled"]

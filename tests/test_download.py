@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from conftest import ASSETS, ROOT, run_python, subprocess_env
+from conftest import ASSETS, ROOT, logits, run_python, subprocess_env
 from hub import FakeHub
 from llama import Llama, cli, download
 from llama.hf import write_hf
@@ -79,7 +79,7 @@ def test_a_repository_arrives_checked_and_loads(hub, hf_files, tiny_llama, tmp_p
     assert f"run it: llama-generate --ckpt_dir {out}" in capsys.readouterr().out
     g = Llama.build(str(out), max_seq_len=64, max_batch_size=1)
     tokens = torch.tensor([[1, 5, 9, 20]])
-    torch.testing.assert_close(g.model(tokens, 0), tiny_llama.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(g.model, tokens), logits(tiny_llama.model, tokens), atol=1e-5, rtol=1e-5)
     assert g.max_seq_len == 64
     # --include: only what matches; nothing else is fetched
     only = tmp_path / "only"

@@ -69,19 +69,21 @@ def test_a_dropped_stream_frees_its_slot(tiny_ckpt):
     assert g.engine.pending() == (0, 0)
 
 
-def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(g, monkeypatch):
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_decode(g, tiny_ckpt, monkeypatch):
     steps = []
-    run = g.engine._run
+    run = g.engine.runner.forward
 
     def recording(plan):
-        steps.append((0 if plan.decode is None else plan.decode.rows,
-                      0 if plan.prefill is None else plan.prefill.tokens.numel()))
+        padded = len(plan.prefill) * max((len(r.tokens) for r in plan.prefill), default=0)
+        steps.append((len(plan.decode), padded))
         return run(plan)
 
-    monkeypatch.setattr(g.engine, "_run", recording)
+    monkeypatch.setattr(g.engine.runner, "forward", recording)
     long_text = " ".join(["the happy dog ran to the park"] * 8)
     assert len(g.tokenizer.encode(long_text, bos=True, eos=False)) > 4 * CHUNK
-    alone = g.text_completion([long_text], temperature=0, max_gen_len=4)
+    # alone on a model of its own: run here first, the prompt would be in g's prefix cache
+    alone = Llama.build(str(tiny_ckpt), max_seq_len=96, max_batch_size=4, device="cpu").text_completion(
+        [long_text], temperature=0, max_gen_len=4)
     streams = g.stream(["The cat", "A big", "Once"], temperature=0, max_gen_len=60)
     texts = [""] * 3
     while not all(r.tokens for r in streams.requests):  # until all three decode
@@ -185,6 +187,38 @@ def test_two_processes_serving_threads_equal_one_process(tiny_ckpt2, g, solo, tm
     for i in range(engine_workload.N_CALLS):
         if i % 6 in (0, 2, 3, 5):
             engine_workload.assert_same(_jsonable(solo[i]), report["alone"][i], f"call {i}, 1 vs 2 processes")
+    # rank 0 decided the block tables and the prefix hits; every rank ran them
+    uncached = Llama.build(str(tiny_ckpt2), max_seq_len=96, max_batch_size=4, device="cpu", prefix_cache=False)
+    _assert_conversation(report["conversation"], engine_workload.conversation(uncached))
+
+
+def _assert_conversation(cached, uncached):
+    for turn, ((tokens, lps, hit), (expected, expected_lps, none)) in enumerate(zip(cached, uncached)):
+        assert tokens == expected, f"turn {turn}"
+        assert lps == pytest.approx(expected_lps, abs=1e-5), f"turn {turn}"
+        assert none == 0
+        assert hit >= (16 if turn else 0), f"turn {turn}: {hit} cached prompt tokens"
+
+
+def test_a_conversation_from_the_prefix_cache_equals_one_without_it(g, tiny_ckpt):
+    """Each turn's prompt repeats the last one: taken from the cache, its tokens and log-probabilities are
+    those of a model without a prefix cache."""
+    uncached = Llama.build(str(tiny_ckpt), max_seq_len=96, max_batch_size=4, device="cpu", prefix_cache=False)
+    cached = engine_workload.conversation(g)
+    _assert_conversation(cached, engine_workload.conversation(uncached))
+    assert cached[-1][2] >= 48  # by the last turn, most of its 60-odd prompt tokens
+
+
+def test_requests_beyond_the_kv_cache_are_preempted_and_still_give_their_solo_answers(tiny_ckpt, solo):
+    """A cache of one sequence's worth (96 positions) for 4 rows: the rows outgrow it, the newest are
+    preempted and recomputed, and every call still gets what it gets alone."""
+    small = Llama.build(str(tiny_ckpt), max_seq_len=96, max_batch_size=4, device="cpu", prefill_chunk=CHUNK,
+                        kv_cache_tokens=96)
+    assert small.engine.kv_cache_tokens == 96
+    together = engine_workload.together(small)
+    engine_workload.assert_same(together, solo)
+    assert small.engine.stats.preemptions > 0
+    assert small.engine.pending() == (0, 0) and small.engine.stats.kv_blocks_used == 0
 
 
 def _jsonable(x):

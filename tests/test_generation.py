@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from conftest import asset
+from conftest import asset, logits
 from llama.chat_format import encode_dialog
 from llama.tokenizer import Tokenizer
 from llama.errors import LogitsError
@@ -27,8 +27,8 @@ def test_greedy_tokens_follow_the_full_forward_argmax(tiny_llama):
     prompt = tiny_llama.tokenizer.encode("The cat sat", bos=True, eos=False)
     tokens, _ = tiny_llama.generate([prompt], max_gen_len=10, temperature=0)
     seq = prompt + tokens[0]
-    logits = tiny_llama.model(torch.tensor([seq]), 0)[0]
-    expected = logits[len(prompt) - 1 : len(seq) - 1].argmax(-1).tolist()
+    logits_ = logits(tiny_llama.model, torch.tensor([seq]))[0]
+    expected = logits_[len(prompt) - 1 : len(seq) - 1].argmax(-1).tolist()
     assert tokens[0] == expected
 
 
@@ -38,7 +38,7 @@ def test_logprobs_and_echo_match_a_full_forward(tiny_llama):
                                            logprobs=True, echo=True)
     seq = tokens[0]
     assert seq[: len(prompt)] == prompt and len(seq) == len(prompt) + 8
-    full = F.log_softmax(tiny_llama.model(torch.tensor([seq]), 0)[0], dim=-1)
+    full = F.log_softmax(logits(tiny_llama.model, torch.tensor([seq]))[0], dim=-1)
     expected = [0.0] + full[:-1].gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1).tolist()
     assert logprobs[0] == pytest.approx(expected, abs=1e-4)
     assert all(lp <= 0 for lp in logprobs[0])
@@ -156,21 +156,23 @@ def test_bad_dialogs_are_refused(tiny_llama, dialog, message):
         tiny_llama.chat_completion([dialog])
 
 
-def test_padded_rows_leave_the_same_kv_cache_as_a_solo_run(tiny_llama):
-    """Batched prefill writes pads past each short prompt; decoding must overwrite them, so every
-    position a row used holds exactly what a solo run of that prompt leaves there."""
-    prompts = [tiny_llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
-    batch, _ = tiny_llama.generate(prompts, max_gen_len=6, temperature=0)
-    layers = tiny_llama.model.layers
-    cached = [[(l.attention.cache_k[i].clone(), l.attention.cache_v[i].clone()) for l in layers]
-              for i in range(len(prompts))]
-    for i, prompt in enumerate(prompts):
-        alone, _ = tiny_llama.generate([prompt], max_gen_len=6, temperature=0)
-        assert alone[0] == batch[i]
-        used = len(prompt) + len(alone[0]) - 1  # the last new token is never fed back
-        for layer, (k, v) in zip(layers, cached[i]):
-            torch.testing.assert_close(k[:used], layer.attention.cache_k[0, :used], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(v[:used], layer.attention.cache_v[0, :used], atol=1e-5, rtol=1e-5)
+def test_padded_rows_leave_exact_blocks_for_the_prefix_cache(tiny_ckpt):
+    """Batched prefill pads short prompts; the pads must write nowhere a row reads. The blocks the batch
+    fills are then cached, and a later run of each prompt alone, which takes its prefix from them,
+    must give the tokens and log-probabilities of a run without any cache."""
+    kwargs = dict(max_seq_len=96, max_batch_size=3, device="cpu", prefill_chunk=64)
+    g = Llama.build(str(tiny_ckpt), **kwargs)
+    fresh = Llama.build(str(tiny_ckpt), prefix_cache=False, **kwargs)
+    texts = [" ".join([PROMPTS[2]] * 2), " ".join([PROMPTS[0]] * 3), " ".join([PROMPTS[3]] * 12)]
+    prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    assert min(map(len, prompts)) > 16 and len(set(map(len, prompts))) == 3  # a full block each, padding between
+    g.generate(prompts, max_gen_len=6, temperature=0)
+    for prompt in prompts:
+        again = g.submit(prompt, 6, temperature=0, logprobs=True).wait()
+        assert again.cached_tokens >= 16
+        expected, lps = fresh.generate([prompt], max_gen_len=6, temperature=0, logprobs=True)
+        assert again.tokens == expected[0]
+        torch.testing.assert_close(torch.tensor(again.logprobs), torch.tensor(lps[0]), atol=1e-5, rtol=1e-5)
 
 
 def _token_texts(g, prompt_ids, tokens):

@@ -88,4 +88,4 @@ def test_scaled_rope_matches_transformers():
 def test_use_scaled_rope_reaches_the_model():
     scaled, _ = random_model(rope_theta=500000.0, use_scaled_rope=True)
     plain, _ = random_model(rope_theta=500000.0)
-    assert not torch.equal(scaled.freqs_cis, plain.freqs_cis)
+    assert not torch.equal(scaled.rope, plain.rope)

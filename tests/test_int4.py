@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import resident_bytes, restart_peak_rss, run_python, teacher_forced, torchrun
+from conftest import logits, resident_bytes, restart_peak_rss, run_python, teacher_forced, torchrun
 from llama import Llama, ModelArgs
 from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_checkpoint, write_meta
 from llama.errors import CheckpointError
@@ -25,7 +25,7 @@ def _build(ckpt, **kwargs) -> Llama:
 
 
 def _logits(ckpt, **kwargs) -> torch.Tensor:
-    return _build(ckpt, **kwargs).model(torch.tensor([PROMPT]), 0)
+    return logits(_build(ckpt, **kwargs).model, torch.tensor([PROMPT]))
 
 
 def _quantize(src, dst, group_size=None):
@@ -95,7 +95,7 @@ def test_a_model_without_the_kernel_falls_back_and_says_so(tiny_ckpt, monkeypatc
     assert isinstance(layer, Int4Linear) and layer.kernel is None and layer.weight.shape == (384, 32)
     assert kernel.model.layers[0].feed_forward.w13.kernel.name == "cpu"
     tokens = torch.tensor([PROMPT])
-    torch.testing.assert_close(kernel.model(tokens, 0), plain.model(tokens, 0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(kernel.model, tokens), logits(plain.model, tokens), atol=1e-4, rtol=1e-4)
     assert kernel.generate([PROMPT], max_gen_len=12, temperature=0) == plain.generate([PROMPT], max_gen_len=12,
                                                                                       temperature=0)
 
@@ -131,7 +131,7 @@ def test_int4_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     at_load = _logits(tiny_ckpt, quantize="int4", group_size=32)
     loaded = _build(out)
     assert loaded.model.layers[1].attention.wqkv.kernel.name == "cpu"  # wq, wk, wv: rows of one layer
-    torch.testing.assert_close(loaded.model(torch.tensor([PROMPT]), 0), at_load, atol=0, rtol=0)
+    torch.testing.assert_close(logits(loaded.model, torch.tensor([PROMPT])), at_load, atol=0, rtol=0)
     float_logits = _logits(tiny_ckpt)
     assert (at_load - float_logits).abs().max() < 0.25 * float_logits.abs().max()  # close, not equal
     assert not torch.allclose(at_load, float_logits, atol=1e-3)
@@ -146,7 +146,7 @@ def test_int4_checkpoints_reshard(tiny_ckpt, tiny_ckpt2, tmp_path):
     assert load_shard(two / "consolidated.01.pth")["layers.0.feed_forward.w2.group_scales"].shape == (64, 3)
     expected = _logits(tiny_ckpt, quantize="int4", group_size=32)
     merged = Llama.build(str(two), max_seq_len=256, max_batch_size=2, model_parallel_size=1)
-    torch.testing.assert_close(merged.model(torch.tensor([PROMPT]), 0), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(merged.model, torch.tensor([PROMPT])), expected, atol=1e-5, rtol=1e-5)
     split = write_meta(open_checkpoint(one, 2), tmp_path / "resharded", 2)  # scripts/reshard.py --num_shards 2
     torch.testing.assert_close(_logits(split), expected, atol=1e-5, rtol=1e-5)
     proc = torchrun(2, "tests/test_int4.py", str(one), str(tiny_ckpt2), str(tmp_path / "out"))

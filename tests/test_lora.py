@@ -10,7 +10,7 @@ from typing import Dict, List, NamedTuple
 import pytest
 import torch
 
-from conftest import run_main, script, torchrun
+from conftest import logits, run_main, script, torchrun
 from dist_worker import PROMPTS
 from llama import Llama
 from llama.commands import chat, generate
@@ -109,7 +109,7 @@ def test_merged_model_equals_peft(name, layout, adapters, tiny_ckpt, hf_base, ba
     ref = adapters[name]
     assert (ref.logits - base_logits).abs().max() > 0.1  # the adapter really changes the model
     g = build(tiny_ckpt if layout == "meta" else hf_base, ref.path)
-    assert (g.model(TOKENS, 0) - ref.logits).abs().max().item() < 1e-4
+    assert (logits(g.model, TOKENS) - ref.logits).abs().max().item() < 1e-4
     assert greedy(g) == ref.greedy
 
 
@@ -137,7 +137,7 @@ def test_two_processes_equal_one(tiny_ckpt, tiny_ckpt2, adapters, tmp_path):
     rank0 = torch.load(tmp_path / "out.rank0.pt", weights_only=True)
     one = build(tiny_ckpt, ref.path, max_batch_size=4)
     tokens = torch.tensor([one.tokenizer.encode(PROMPTS[0], bos=True, eos=False)])
-    torch.testing.assert_close(rank0["logits"], one.model(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rank0["logits"], logits(one.model, tokens), atol=1e-5, rtol=1e-5)
     assert rank0["greedy"] == one.text_completion(PROMPTS, temperature=0, max_gen_len=12)
 
 
@@ -147,9 +147,9 @@ def test_the_adapter_merges_before_int8_quantization(tiny_ckpt, adapters, tmp_pa
     ref = adapters["plain"]
     ckpt = open_checkpoint(tiny_ckpt)
     write_meta(MergedCheckpoint(ckpt, open_adapter(ref.path, ckpt)), tmp_path / "merged", 1)
-    got = build(tiny_ckpt, ref.path, quantize="int8").model(TOKENS, 0)
-    torch.testing.assert_close(got, build(tmp_path / "merged", quantize="int8").model(TOKENS, 0), atol=0, rtol=0)
-    assert (got - ref.logits).abs().max() < 0.1 * (build(tiny_ckpt, quantize="int8").model(TOKENS, 0) -
+    got = logits(build(tiny_ckpt, ref.path, quantize="int8").model, TOKENS)
+    torch.testing.assert_close(got, logits(build(tmp_path / "merged", quantize="int8").model, TOKENS), atol=0, rtol=0)
+    assert (got - ref.logits).abs().max() < 0.1 * (logits(build(tiny_ckpt, quantize="int8").model, TOKENS) -
                                                    ref.logits).abs().max()
 
 
@@ -160,19 +160,19 @@ def merge(*args):
 
 def test_merge_script_output_loads_as_the_merged_model(tiny_ckpt, hf_base, adapters, tmp_path):
     ref = adapters["patterns"]
-    with_lora = build(tiny_ckpt, ref.path).model(TOKENS, 0)
+    with_lora = logits(build(tiny_ckpt, ref.path).model, TOKENS)
     status, _, err = merge(tiny_ckpt, ref.path, tmp_path / "as_hf", "--to", "hf")  # Meta base, HF output
     assert status == 0, err
     with torch.no_grad():  # transformers reads it as peft's model
-        logits = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "as_hf", dtype=torch.float32)(TOKENS).logits
-    assert (logits - ref.logits).abs().max().item() < 1e-4
-    torch.testing.assert_close(build(tmp_path / "as_hf").model(TOKENS, 0), with_lora, atol=1e-6, rtol=0)
+        hf_logits = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "as_hf", dtype=torch.float32)(TOKENS).logits
+    assert (hf_logits - ref.logits).abs().max().item() < 1e-4
+    torch.testing.assert_close(logits(build(tmp_path / "as_hf").model, TOKENS), with_lora, atol=1e-6, rtol=0)
 
     status, _, err = merge(hf_base, ref.path, tmp_path / "as_meta", "--to", "meta", "--num_shards", "2")  # HF -> Meta
     assert status == 0, err
     assert sorted(p.name for p in (tmp_path / "as_meta").iterdir()) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
-    torch.testing.assert_close(build(tmp_path / "as_meta").model(TOKENS, 0), with_lora, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(build(tmp_path / "as_meta").model, TOKENS), with_lora, atol=1e-6, rtol=0)
 
 
 def test_merge_script_bad_adapter_is_one_line_and_writes_nothing(tiny_ckpt, adapters, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import logits, random_model
 from llama.hf import meta_to_hf
 
 
@@ -9,11 +9,11 @@ from llama.hf import meta_to_hf
 def test_incremental_decoding_matches_full_forward(n_kv_heads):
     model, _ = random_model(n_kv_heads=n_kv_heads)
     tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
-    full = model(tokens, 0)
+    full = logits(model, tokens)
 
-    steps = [model(tokens[:, :7], 0)]  # prefill
-    steps += [model(tokens[:, p : p + 1], p) for p in range(7, 15)]  # one token at a time
-    steps.append(model(tokens[:, 15:20], 15))  # several tokens at start_pos > 0
+    steps = [logits(model, tokens[:, :7])]  # prefill
+    steps += [logits(model, tokens[:, p : p + 1], p) for p in range(7, 15)]  # one token at a time
+    steps.append(logits(model, tokens[:, 15:20], 15))  # several tokens at start_pos > 0
     incremental = torch.cat(steps, dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
 
@@ -22,25 +22,15 @@ def test_mask_when_several_tokens_arrive_after_start():
     """Meta's v1 built a (T, T) mask for T new tokens at start_pos > 0; the queries must see the cache too."""
     model, _ = random_model()
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    full = model(tokens, 0)
-    model(tokens[:, :4], 0)
-    chunk = model(tokens[:, 4:12], 4)
+    full = logits(model, tokens)
+    logits(model, tokens[:, :4])
+    chunk = logits(model, tokens[:, 4:12], 4)
     torch.testing.assert_close(chunk, full[:, 4:12], atol=1e-5, rtol=1e-5)
     # The chunk really depends on the cached prefix: another prefix changes it.
     other = tokens.clone()
     other[:, :4] = (other[:, :4] + 1) % 256
-    model(other[:, :4], 0)
-    assert not torch.allclose(model(tokens[:, 4:12], 4), chunk, atol=1e-3)
-
-
-def test_per_row_positions_match_shared_position():
-    model, _ = random_model()
-    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
-    model(tokens[:, :6], 0)
-    shared = model(tokens[:, 6:8], 6)
-    model(tokens[:, :6], 0)
-    per_row = model(tokens[:, 6:8], torch.tensor([6, 6]))
-    torch.testing.assert_close(per_row, shared, atol=1e-5, rtol=1e-5)
+    logits(model, other[:, :4])
+    assert not torch.allclose(logits(model, tokens[:, 4:12], 4), chunk, atol=1e-3)
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():
@@ -55,7 +45,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
             expanded[name] = t.view(2, head_dim, 64).repeat_interleave(2, dim=0).reshape(4 * head_dim, 64)
     mha.load_state_dict(expanded)
     tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(gqa(tokens, 0), mha(tokens, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(gqa, tokens), logits(mha, tokens), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
@@ -75,10 +65,10 @@ def test_logits_match_transformers(n_kv_heads):
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = ref(tokens).logits
-    ours = model(tokens, 0)
+    ours = logits(model, tokens)
     diff = (ours - expected).abs().max().item()
     print(f"max |logit difference| vs transformers (n_kv_heads={n_kv_heads}): {diff:.2e}")
     assert diff < 1e-4
     # And with the KV cache, token by token.
-    steps = torch.cat([model(tokens[:, :8], 0)] + [model(tokens[:, p : p + 1], p) for p in range(8, 24)], dim=1)
+    steps = torch.cat([logits(model, tokens[:, :8])] + [logits(model, tokens[:, p : p + 1], p) for p in range(8, 24)], dim=1)
     assert (steps - expected).abs().max().item() < 1e-4

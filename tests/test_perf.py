@@ -1,36 +1,48 @@
-"""The compiled decode step gives the eager path's tokens; rows at any positions and slots give each
+"""The compiled decode step gives the eager path's tokens; rows in any blocks at any positions give each
 sequence's own logits."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import random_model
+from conftest import logits, random_model
 from llama import Llama
 
 
-def test_rows_at_their_own_positions_and_slots_equal_each_sequence_alone():
-    model, _ = random_model()
-    a = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
-    b = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(8))
-    alone = [model(a, 0)[:, -1], model(b, 0)[:, -1]]
-    slots = torch.tensor([3, 1])  # not the first rows of the cache, and not in order
-    model(a[:, :8], 0, slots=slots[:1])
-    model(b[:, :4], 0, slots=slots[1:])
-    both = model(torch.stack([a[0, 8:], b[0, 4:]]), torch.tensor([8, 4]), slots=slots)[:, -1]
+def _paged(model, tokens, start, table):
+    """A forward of `tokens` (B, T) from position `start` (one per row), row b's positions in the blocks of
+    table[b] (a list per row, padded with block 0)."""
+    B, T = tokens.shape
+    bs = model.block_size
+    positions = torch.tensor(start).view(B, 1) + torch.arange(T)
+    tables = torch.tensor([t + [0] * (max(map(len, table)) - len(t)) for t in table])
+    slots = tables.gather(1, positions // bs) * bs + positions % bs
+    return model(tokens, positions, slots, tables)
+
+
+def test_rows_in_scattered_blocks_at_their_own_positions_equal_each_sequence_alone():
+    model, _ = random_model(max_seq_len=64)  # blocks of 16 positions
+    a = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
+    b = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(8))
+    alone = [logits(model, a)[:, -1], logits(model, b)[:, -1]]
+    tables = [[9, 2, 14], [5, 11]]  # out of order, interleaved, not the blocks `logits` uses
+    _paged(model, a[:, :39], [0], tables[:1])
+    _paged(model, b[:, :20], [0], tables[1:])
+    both = _paged(model, torch.stack([a[0, 39:], b[0, 20:]]), [39, 20], tables)[:, -1]
     torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=1e-5)
-    # Slot 0 still holds sequence b (the last run alone), which the slotted runs never touched.
-    torch.testing.assert_close(model(b[:, 4:], 4)[:, -1], alone[1], atol=1e-5, rtol=1e-5)
+    # A row whose table is padded with block 0 beyond its positions reads nothing of it.
+    model.layers[0].attention.cache[0].fill_(1e4)
+    torch.testing.assert_close(_paged(model, b[:, 20:], [20], [[5, 11, 0, 0]])[:, -1], alone[1], atol=1e-5, rtol=1e-5)
 
 
-def test_positions_as_an_int_as_row_starts_and_as_a_grid_agree():
+def test_a_chunk_after_cached_blocks_equals_the_whole_prompt_at_once():
+    """A prefix's blocks, computed once, serve a later forward that starts at the block boundary (what the
+    prefix cache does), for several rows sharing them."""
     model, _ = random_model(n_kv_heads=2)
-    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(10))
-    model(tokens[:, :6], 0)
-    shared = model(tokens[:, 6:10], 6)
-    starts = model(tokens[:, 6:10], torch.tensor([6, 6]))
-    grid = model(tokens[:, 6:10], torch.arange(6, 10).expand(2, 4))
-    torch.testing.assert_close(starts, shared, atol=1e-5, rtol=1e-5)  # these read the whole cache, masked
-    torch.testing.assert_close(grid, shared, atol=1e-5, rtol=1e-5)
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(10))
+    whole = logits(model, tokens)
+    _paged(model, tokens[:, :32], [0], [[3, 7]])  # the shared prefix: two full blocks
+    rest = _paged(model, tokens[:, 32:].expand(2, 8), [32, 32], [[3, 7, 4], [3, 7, 6]])
+    torch.testing.assert_close(rest, whole[:, 32:].expand(2, 8, -1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -56,7 +68,7 @@ def test_compiled_decode_reads_the_cache_in_growing_buckets(tiny_ckpt):
     compiled = Llama.build(str(tiny_ckpt), compile=True, **kwargs)
     prompts = [[1] + [(7 * i) % 250 + 3 for i in range(118)], [1, 5, 9]]  # the first crosses 128 keys
     assert compiled.compile_all() == 4  # (1 or 2 rows) x (128 or 200 keys), before any request
-    assert sorted(compiled.model.compiled.by_kv_len) == [128, 200]
+    assert sorted(compiled.model.compiled.by_width) == [8, 13]  # blocks of 16 positions: 128 and 200 keys
     graphs = counters["stats"]["unique_graphs"]
     expected = plain.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
     got = compiled.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_python, teacher_forced, torchrun
+from conftest import logits, run_python, teacher_forced, torchrun
 from llama import Llama
 
 PROMPT = [1, 5, 9, 200, 31, 7, 64]
@@ -29,8 +29,8 @@ def test_int8_bf16_batches_whose_in_features_are_not_a_multiple_of_16(stories_ck
     """stories260K's w2 takes 172 in-features, on which torch 2.13's CPU int8 kernel crashes for bf16
     activations of several rows: those layers take the cast path, and the bf16 model tracks float32."""
     tokens = torch.tensor([PROMPT])
-    f32 = _build(stories_ckpt, quantize="int8").model(tokens, 0)
-    bf16 = _build(stories_ckpt, quantize="int8", dtype="bf16").model(tokens, 0)
+    f32 = logits(_build(stories_ckpt, quantize="int8").model, tokens)
+    bf16 = logits(_build(stories_ckpt, quantize="int8", dtype="bf16").model, tokens)
     assert (bf16 - f32).abs().max() < 0.05 * f32.abs().max()
 
 
@@ -42,9 +42,9 @@ def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     shard = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert shard["layers.0.attention.wq.weight"].dtype == torch.int8 and "layers.0.attention.wq.scales" in shard
     tokens = torch.tensor([PROMPT])
-    at_load = _build(tiny_ckpt, quantize="int8").model(tokens, 0)
-    torch.testing.assert_close(_build(out).model(tokens, 0), at_load, atol=0, rtol=0)
-    float_logits = _build(tiny_ckpt).model(tokens, 0)
+    at_load = logits(_build(tiny_ckpt, quantize="int8").model, tokens)
+    torch.testing.assert_close(logits(_build(out).model, tokens), at_load, atol=0, rtol=0)
+    float_logits = logits(_build(tiny_ckpt).model, tokens)
     assert (at_load - float_logits).abs().max() < 0.02 * float_logits.abs().max()  # close, not equal
 
 
@@ -66,7 +66,7 @@ def test_two_shards_quantize_like_one(tiny_ckpt, tiny_ckpt2, tmp_path):
     assert run_python("scripts/quantize.py", str(tiny_ckpt2), str(quantized2)).returncode == 0
     proc = torchrun(2, "tests/test_quantize.py", str(tiny_ckpt2), str(quantized2), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = _build(tiny_ckpt, quantize="int8").model(torch.tensor([PROMPT]), 0)
+    one = logits(_build(tiny_ckpt, quantize="int8").model, torch.tensor([PROMPT]))
     for rank in range(2):
         at_load, from_ckpt = torch.load(tmp_path / f"out.rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(at_load, one, atol=1e-5, rtol=1e-5)
@@ -81,7 +81,7 @@ def test_a_quantized_checkpoint_reshards_on_load(tiny_ckpt, tiny_ckpt2, tmp_path
     assert run_python("scripts/quantize.py", str(tiny_ckpt2), str(quantized2)).returncode == 0
     tokens = torch.tensor([PROMPT])
     merged = Llama.build(str(quantized2), max_seq_len=256, max_batch_size=2, model_parallel_size=1)
-    torch.testing.assert_close(merged.model(tokens, 0), _build(tiny_ckpt, quantize="int8").model(tokens, 0),
+    torch.testing.assert_close(logits(merged.model, tokens), logits(_build(tiny_ckpt, quantize="int8").model, tokens),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -91,6 +91,6 @@ if __name__ == "__main__":  # the torchrun worker of test_two_shards_quantize_li
 
     float_dir, int8_dir, out_prefix = map(Path, sys.argv[1:])
     tokens = torch.tensor([PROMPT])
-    logits = [_build(float_dir, quantize="int8").model(tokens, 0), _build(int8_dir).model(tokens, 0)]
+    logits = [logits(_build(float_dir, quantize="int8").model, tokens), logits(_build(int8_dir).model, tokens)]
     torch.save(logits, f"{out_prefix}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import torchrun
+import llama.loading
 from llama import Llama
 from llama.loading import kv_cache_bytes
 
@@ -20,15 +21,33 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(kind, expected):
 
 
 def test_a_kv_cache_too_large_for_memory_is_refused_at_build(tiny_ckpt):
-    with pytest.raises(MemoryError, match=r"KV cache for max_batch_size=100000 x max_seq_len=100000 needs "
-                                          r"[\d.]+ GiB on cpu but only [\d.]+ GiB is free"):
-        Llama.build(str(tiny_ckpt), max_seq_len=100_000, max_batch_size=100_000)
+    with pytest.raises(MemoryError, match=r"KV cache for 100000000000 positions needs 47683.72 GiB on cpu but only "
+                                          r"[\d.]+ GiB is free after loading the weights: lower kv_cache_tokens"):
+        Llama.build(str(tiny_ckpt), max_seq_len=64, max_batch_size=4, kv_cache_tokens=10**11)
+    with pytest.raises(ValueError, match="kv_cache_tokens=32 is less than max_seq_len=64"):
+        Llama.build(str(tiny_ckpt), max_seq_len=64, max_batch_size=4, kv_cache_tokens=32)
+
+
+def test_by_default_the_kv_cache_is_capped_by_the_memory_left(tiny_ckpt, caplog, monkeypatch):
+    """max_batch_size x max_seq_len positions by default, or as many as memory holds: requests beyond wait."""
+    monkeypatch.setattr(llama.loading, "available_memory", lambda device: 2**22)  # 4 MiB free after the weights
+    # keys and values of 2 layers x 2 kv heads x 16 floats: 512 bytes a position, 7372 in 90% of 4 MiB
+    with caplog.at_level("WARNING"):
+        g = Llama.build(str(tiny_ckpt), max_seq_len=1024, max_batch_size=64)
+    assert "the KV cache gets 7372 positions, the most that fit on cpu" in caplog.text
+    assert g.engine.kv_cache_tokens == 7376  # in whole blocks of 16
+    assert Llama.build(str(tiny_ckpt), max_seq_len=4096, max_batch_size=64).engine.kv_cache_tokens == 7376
+    with pytest.raises(MemoryError, match=r"the KV cache for 8192 positions needs 4.0 MiB on cpu but only 4.0 MiB is "
+                                          r"free after loading the weights: lower max_seq_len"):
+        Llama.build(str(tiny_ckpt), max_seq_len=8192, max_batch_size=64)  # never less than one whole sequence
 
 
 def test_the_kv_cache_estimate_is_what_gets_allocated(tiny_ckpt):
     g = Llama.build(str(tiny_ckpt), max_seq_len=48, max_batch_size=3)
-    allocated = sum(b.numel() * b.element_size() for name, b in g.model.named_buffers() if "cache" in name)
-    assert allocated == kv_cache_bytes(g.model.params, 1, torch.float32)
+    assert g.engine.kv_cache_tokens == 3 * 48  # the default: max_batch_size x max_seq_len (3 blocks of 16 each)
+    allocated = sum(b.numel() * b.element_size() for name, b in g.model.named_buffers() if name.endswith(".cache"))
+    # and the padding block
+    assert allocated == kv_cache_bytes(g.model.params, 1, torch.float32, 3 * 48 + 16)
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import generation_worker
-from conftest import torchrun
+from conftest import logits, torchrun
 from llama import Llama
 
 
 def full_forward_logprobs(g, seq):
     """Log-probability of each token of `seq` after the first, from one uncached forward."""
-    lp = F.log_softmax(g.model(torch.tensor([seq]), 0)[0], dim=-1)
+    lp = F.log_softmax(logits(g.model, torch.tensor([seq]))[0], dim=-1)
     return lp[:-1].gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1), lp[:-1].argmax(-1)
 
 

@@ -69,6 +69,47 @@ def test_completion_equals_the_library_with_usage(client, ref):
     assert client.completions.create(model=MODEL, prompt="The cat", temperature=0).usage.completion_tokens == 16
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_and_the_same_answer(client, ref):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI and vLLM report it: the second time a long prompt
+    comes, its full blocks of 16 positions come from the prefix cache; the answer does not change."""
+    prompt = " ".join(PROMPTS)
+    n = len(ref.tokenizer.encode(prompt, bos=True, eos=False))
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    chat = [{"role": "user", "content": prompt}]
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert again.choices[0].text == first.choices[0].text == greedy(ref, prompt, 8)
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    chat_first = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=4, temperature=0)
+    chat_again = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=4, temperature=0)
+    assert chat_again.choices[0].message.content == chat_first.choices[0].message.content
+    assert chat_again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_health_turns_ready_only_once_the_engine_serves(tiny_ckpt, monkeypatch):
+    """A request taken before serve_forever runs would, under model parallelism, run the ranks' agreement
+    on the event loop's thread: Service.start hands the model out only once the engine serves."""
+    from llama.serve import Service
+
+    g = Llama.build(str(tiny_ckpt), max_seq_len=32, max_batch_size=1, device="cpu")
+    entered = threading.Event()
+    serve = g.serve_forever
+
+    def slow_start(on_ready=None):
+        entered.set()
+        time.sleep(0.5)  # the thread is slow to get going
+        serve(on_ready)
+
+    monkeypatch.setattr(g, "serve_forever", slow_start)
+    service = Service(MODEL, 32)
+    seen = []
+    watcher = threading.Thread(target=lambda: (entered.wait(10), seen.append(service.ready)))
+    watcher.start()
+    service.start(g)
+    watcher.join(10)
+    assert seen == [False] and service.ready
+    service.stop()
+
+
 def test_a_list_of_prompts_gets_a_choice_each(client, ref):
     r = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=8, temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2]

@@ -163,6 +163,28 @@ def test_two_ranks_answer_as_one_process_and_stop_together_on_sigterm(jobs, tmp_
     assert final["finish_reason"] == "length" and chunks[-1] == "[DONE]"
 
 
+def test_a_request_the_moment_health_turns_200_is_answered_under_two_ranks(jobs, tmp_path, tiny_ckpt2, ref):
+    """/health says ready only once the engine serves: a request fired at that moment must not run the
+    ranks' agreement on the event loop against rank 1's step broadcast (which hung the server)."""
+    expected = ref.text_completion(["The cat"], temperature=0, max_gen_len=8)[0]["generation"]
+    for attempt in range(3):
+        job = jobs(["--ckpt_dir", str(tiny_ckpt2), "--max_seq_len", "256", "--max_batch_size", "4", "--nopage"],
+                   free_port(), tmp_path, torchrun=True)
+        deadline = time.monotonic() + 120
+        while True:  # polled without pause: the first 200 is acted on at once
+            assert time.monotonic() < deadline and job.proc.poll() is None, job.output()[-3000:]
+            try:
+                if httpx.get(job.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.01)
+        answer = httpx.post(job.url + "/v1/completions", timeout=30,
+                            json={"prompt": "The cat", "max_tokens": 8, "temperature": 0})
+        assert answer.json()["choices"][0]["text"] == expected, f"attempt {attempt}"
+        os.kill(job.rank_pid(0), signal.SIGTERM)
+        assert job.wait(timeout=30) == 0, job.output()[-3000:]
+
+
 def test_a_rank_that_dies_ends_the_job_and_the_request_gets_an_error(jobs, tmp_path, tiny_ckpt2):
     job = jobs(["--ckpt_dir", str(tiny_ckpt2), "--max_seq_len", "512", "--max_batch_size", "4", "--nopage"],
                free_port(), tmp_path, torchrun=True)

@@ -1,8 +1,9 @@
 """Streaming: pieces join up to the final text exactly, never splitting a character."""
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
-import llama.engine
+import llama.runner
 from conftest import ASSETS, run_main, run_python, torchrun
 from llama.commands import generate
 from llama.text import TextStream, decode_continuation
@@ -92,8 +93,8 @@ def test_generated_emoji_and_cjk_stream_whole(tiny_llama, monkeypatch):
     tok = tiny_llama.tokenizer
     text = " 🦙 世界 鼹 😀 done"
     script = iter(tok.encode("Hi" + text, bos=False, eos=False)[len(tok.encode("Hi", bos=False, eos=False)):])
-    monkeypatch.setattr(llama.engine, "sample", lambda logits, *a: logits.new_full(
-        logits.shape[:1], next(script, tok.eos_id), dtype=llama.engine.torch.long))
+    monkeypatch.setattr(llama.runner, "sample", lambda logits, *a: logits.new_full(
+        logits.shape[:1], next(script, tok.eos_id), dtype=torch.long))
     pieces = [p[0] for p in tiny_llama.stream(["Hi"], temperature=1.0, max_gen_len=40)]  # the sampler runs
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert "🦙" in pieces or any(p.endswith("🦙") for p in pieces)

@@ -59,6 +59,8 @@ def main(
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
     lora: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Chat with a LLaMA checkpoint in the terminal: type a message, the answer streams back, and the conversation
     so far goes with each new message. /reset clears the history; /exit or Ctrl-D leaves. When the history no
@@ -85,6 +87,9 @@ def main(
         quantize: int8 or int4 weights, quantized as they load.
         group_size: int4's group size: 32, 64, 128 or 256.
         lora: a PEFT LoRA adapter folder, merged into the weights as they load.
+        kv_cache_tokens: positions of the paged KV cache; default: max_seq_len, or what fits in memory.
+        prefix_cache: reuse the keys and values of the conversation so far at each turn, rather than compute them
+            again (--noprefix_cache turns it off).
     """
     from llama import Llama
     from llama.chat_format import strip_reserved_tags
@@ -97,7 +102,8 @@ def main(
         generator = Llama.build(
             ckpt_dir=path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1,
             model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, lora=lora,
-            chat_format=chat_format, quantize=quantize, group_size=group_size)
+            chat_format=chat_format, quantize=quantize, group_size=group_size, kv_cache_tokens=kv_cache_tokens,
+            prefix_cache=prefix_cache)
     if max_gen_len >= generator.max_seq_len:
         raise ValueError(f"max_gen_len={max_gen_len} must be below max_seq_len={generator.max_seq_len} (the "
                          "checkpoint's context): pass a smaller max_gen_len")

@@ -33,6 +33,8 @@ def main(
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
     lora: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Complete text prompts with a LLaMA checkpoint (Meta, Hugging Face or converted llama2.c folder) and print
     each prompt with its completion. Without --ckpt_dir, a tiny random-weight demo model whose text is gibberish
@@ -61,6 +63,10 @@ def main(
         quantize: int8 or int4 weights, quantized as they load.
         group_size: int4's group size: 32, 64, 128 or 256 (default 128, or what divides a layer).
         lora: a PEFT LoRA adapter folder, merged into the weights as they load.
+        kv_cache_tokens: positions of the paged KV cache, all prompts together; default: max_batch_size x
+            max_seq_len, or what fits in memory.
+        prefix_cache: reuse the keys and values of a prompt's start that an earlier one shared (--noprefix_cache
+            turns it off).
     """
     from llama import Llama
     from llama.loading import checkpoint_context
@@ -70,7 +76,8 @@ def main(
         generator = Llama.build(
             ckpt_dir=path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
             model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, compile=compile,
-            quantize=quantize, lora=lora, group_size=group_size)
+            quantize=quantize, lora=lora, group_size=group_size, kv_cache_tokens=kv_cache_tokens,
+            prefix_cache=prefix_cache)
         context = checkpoint_context(path)
     lengths = [len(generator.tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
     if max(lengths) < generator.max_seq_len:  # else generate refuses the prompt, naming it

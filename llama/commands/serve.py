@@ -48,6 +48,8 @@ def main(
     group_size: Optional[int] = None,
     prefill_chunk: int = 128,
     lora: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Serve a LLaMA checkpoint over HTTP: an OpenAI-compatible API at /v1 (completions, chat completions,
     models), a web page at /, /health and /metrics. Every request, from the API or the page, goes to one
@@ -81,6 +83,10 @@ def main(
         prefill_chunk: prompt tokens prefilled per step, at most (a long prompt holds streams up one chunk
             at a time).
         lora: a PEFT LoRA adapter folder, merged into the weights as they load.
+        kv_cache_tokens: positions of the paged KV cache, all requests together; default: max_batch_size x
+            max_seq_len, or what fits in memory (requests beyond what it holds wait, or are preempted).
+        prefix_cache: reuse the keys and values of a prompt's start that an earlier request shared (a chat's
+            history, a system prompt); --noprefix_cache turns it off.
     """
     from llama.loading import checkpoint_context, resolve_max_seq_len
 
@@ -99,7 +105,7 @@ def main(
                 ckpt_dir=path, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                 model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype, compile=compile,
                 quantize=quantize, group_size=group_size, prefill_chunk=prefill_chunk, lora=lora,
-                chat_format=chat_format)
+                chat_format=chat_format, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
         if compile:  # before serving: a compilation in mid-service would stall every stream
             log.info("compiling the decode step for every bucket of rows and keys")
             log.info("compiled %d buckets", g.compile_all())

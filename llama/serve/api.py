@@ -141,7 +141,10 @@ class _Answer:
     def usage(self, completions: List[Completion]) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.tokens) for c in completions)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # prompt tokens counted once per prompt, as are those its first choice found in the prefix cache
+        cached = sum(c.cached_tokens for c in completions[:: self.sampling.n])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     # Whole answers.
 

@@ -59,16 +59,24 @@ class _EngineCollector:
             return
         s = engine.stats
         waiting, running = engine.pending()
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
         for kind, name, help_, value in (
-            (CounterMetricFamily, "llama_requests_submitted", "Requests the engine accepted.", s.requests_submitted),
-            (CounterMetricFamily, "llama_requests_finished", "Requests that ended, for any reason.",
-             s.requests_finished),
-            (CounterMetricFamily, "llama_prompt_tokens", "Prompt tokens of accepted requests.", s.prompt_tokens),
-            (CounterMetricFamily, "llama_generation_tokens", "Tokens generated.", s.generated_tokens),
-            (CounterMetricFamily, "llama_engine_steps", "Engine steps (one batched forward each).", s.steps),
-            (GaugeMetricFamily, "llama_requests_waiting", "Requests waiting for a slot (the queue).", waiting),
-            (GaugeMetricFamily, "llama_requests_running", "Requests in slots (the running rows).", running),
-            (GaugeMetricFamily, "llama_slots", "Rows the KV cache holds (max_batch_size).", engine.max_batch_size),
+            (counter, "llama_requests_submitted", "Requests the engine accepted.", s.requests_submitted),
+            (counter, "llama_requests_finished", "Requests that ended, for any reason.", s.requests_finished),
+            (counter, "llama_prompt_tokens", "Prompt tokens of accepted requests.", s.prompt_tokens),
+            (counter, "llama_prompt_tokens_cached", "Prompt tokens taken from the prefix cache.",
+             s.prompt_tokens_cached),
+            (counter, "llama_prompt_tokens_computed", "Prompt tokens run through the model (recomputed ones included).",
+             s.prompt_tokens_computed),
+            (counter, "llama_preemptions", "Requests preempted for want of KV-cache blocks.", s.preemptions),
+            (counter, "llama_generation_tokens", "Tokens generated.", s.generated_tokens),
+            (counter, "llama_engine_steps", "Engine steps (one batched forward each).", s.steps),
+            (gauge, "llama_requests_waiting", "Requests waiting to start (the queue).", waiting),
+            (gauge, "llama_requests_running", "Requests running (the batch's rows).", running),
+            (gauge, "llama_slots", "Requests that run at once at most (max_batch_size).", engine.max_batch_size),
+            (gauge, "llama_kv_cache_blocks", "KV-cache blocks.", s.kv_blocks),
+            (gauge, "llama_kv_cache_blocks_used", "KV-cache blocks held by running requests.", s.kv_blocks_used),
+            (gauge, "llama_kv_cache_blocks_cached", "KV-cache blocks holding a cached prefix.", s.kv_blocks_cached),
         ):
             family = kind(name, help_, labels=["model"])
             family.add_metric([model], value)

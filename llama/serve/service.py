@@ -38,7 +38,8 @@ class Service:
         self.max_queue = max_queue
         self.stream_interval = stream_interval  # seconds between a stream's chunks, at least (see watch.Pump)
         self.created = int(time.time())
-        self.llama: Optional[Llama] = None  # None while loading
+        self.llama: Optional[Llama] = None  # None while loading, and until its engine serves
+        self._loaded: Optional[Llama] = None
         self.metrics = Metrics(model_name)
         self.failure: Optional[BaseException] = None  # why the engine stopped on its own
         self.stopping = False
@@ -52,15 +53,23 @@ class Service:
         return self.llama is not None and not self.stopping and self.failure is None
 
     def start(self, llama: Llama) -> None:
-        """The model is loaded: run its engine in a thread of its own, from now on."""
-        self.llama = llama
-        self.metrics.engine = llama.engine
-        self._engine_thread = threading.Thread(target=self._serve, name="llama-engine", daemon=True)
+        """The model is loaded: run its engine in a thread of its own, and take requests once it serves
+        them (before, a request would run the ranks' agreement on the event loop's thread, against the
+        other ranks' step broadcast)."""
+        self._loaded = llama
+        serving = threading.Event()
+        self._engine_thread = threading.Thread(target=self._serve, args=(llama, serving.set), name="llama-engine",
+                                               daemon=True)
         self._engine_thread.start()
+        while not serving.wait(timeout=0.1):
+            if self.failure is not None or self.stopping:
+                return
+        self.metrics.engine = llama.engine
+        self.llama = llama
 
-    def _serve(self) -> None:
+    def _serve(self, llama: Llama, on_ready) -> None:
         try:
-            self.llama.serve_forever()
+            llama.serve_forever(on_ready=on_ready)
         except BaseException as e:  # noqa: BLE001 - a step failed under model parallelism (a rank died), or a bug
             self.failure = e
             log.error("the engine stopped: %s: %s; the requests in flight got an error", type(e).__name__, e)
@@ -78,8 +87,8 @@ class Service:
         """Stop admitting; end the requests queued and running (finish_reason "cancelled"); let the other
         ranks' engines return; wait for the engine's thread."""
         self.stopping = True
-        if self.llama is not None:
-            self.llama.shutdown()
+        if self._loaded is not None:
+            self._loaded.shutdown()
         if self._engine_thread is not None and self._engine_thread is not threading.current_thread():
             self._engine_thread.join(timeout)
 
