@@ -225,11 +225,11 @@ def test_int4_bad_input(tiny_ckpt, tmp_path):
             open_checkpoint(_corrupt(int4, tmp_path / f"bad{i}", key, value))
     proc = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), "--quantize", "int4", "--group_size", "100")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: group_size=100 is not supported by the int4 kernels")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --group_size=100 is not supported by the int4 kernels")
     proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tmp_path / "q"), "--mode", "int4",
                       "--group_size", "16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not (tmp_path / "q").exists()
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: group_size=16 is not supported")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --group_size=16 is not supported")
 
 
 if __name__ == "__main__":  # the torchrun worker of test_int4_checkpoints_reshard
