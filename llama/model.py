@@ -168,24 +168,26 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
 
 
 def rope_table(freqs_cis: torch.Tensor) -> torch.Tensor:
-    """(end, D/2, 2, 2): for each position and pair, the factors (cos, cos) and (-sin, sin) by which
-    `apply_rotary_emb_` multiplies a pair (x0, x1) and its swap (x1, x0)."""
+    """(end, 2, D/2, 2): for each position, the factors (cos, cos) of every pair (x0, x1) and (-sin, sin) of
+    its swap (x1, x0), by which `apply_rotary_emb_` multiplies them."""
     cos, sin = freqs_cis.unbind(-1)  # (end, D/2) each
-    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], -2)
+    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)], 1)
 
 
-def apply_rotary_emb_(x: torch.Tensor, rope: torch.Tensor) -> None:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) in place, in float32, as
-    Meta's checkpoints expect: (x0 cos - x1 sin, x1 cos + x0 sin). `rope` (B, T, 1, D/2, 2, 2) holds
-    each token's rows of `rope_table`."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    rotated = torch.addcmul(pairs * rope[..., 0, :], pairs.flip(-1), rope[..., 1, :])
-    x.copy_(rotated.flatten(-2))
+def apply_rotary_emb_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) in place, in float32, as Meta's
+    checkpoints expect: (x0 cos - x1 sin, x1 cos + x0 sin). `cos` and `sin` (B, T, 1, D/2, 2) hold each
+    token's rows of `rope_table`."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2): x itself in float32
+    swapped = pairs.flip(-1)
+    pairs.mul_(cos).addcmul_(swapped, sin)
+    if x.dtype != torch.float32:
+        x.copy_(pairs.flatten(-2))
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of queries q (B, T, H, D) to keys and values (B, Hkv, S, D) under a boolean mask
-    (B, 1, T, S). Returns (B, T, H * D).
+    """Attention of queries q (B, T, H, D) to keys and values (B, Hkv, S, D) under a mask (B, 1, T, S)
+    added to the scores (0 or -inf). Returns (B, T, H * D).
 
     Grouped-query attention without copying keys and values per query head: the n_rep query heads
     that share a kv head fold into the query-length axis (query head h uses kv head h // n_rep).
@@ -231,7 +233,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         heads = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # queries, keys, values of the local heads
-        apply_rotary_emb_(heads[:, :, : H + Hkv], rope)  # in place: the keys stay beside the values
+        apply_rotary_emb_(heads[:, :, : H + Hkv], *rope)  # in place: the keys stay beside the values
         cache = self.cache
         # each token's keys and values into its slot: (B * T, 2 * Hkv, D) into (blocks * block_size, 2 * Hkv, D)
         cache.view(-1, 2 * Hkv, D).index_copy_(0, slots.reshape(-1), heads[:, :, H:].reshape(B * T, 2 * Hkv, D))
@@ -373,9 +375,12 @@ class Transformer(nn.Module):
         values go to cache `slots` (B, T). A token attends to its row's keys at positions up to its own,
         read through `block_table` (B, W): W blocks cover the furthest position of the row."""
         S = block_table.shape[1] * self.block_size
-        rope = self.rope[positions].unsqueeze(2)  # (B, T, 1, D/2, 2, 2)
-        mask = (self.key_positions[:S] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, S): causal, by position
+        rope = self.rope[positions].unsqueeze(2).unbind(3)  # cos and sin factors, (B, T, 1, D/2, 2) each
+        visible = self.key_positions[:S] <= positions[..., None]  # (B, T, S): causal, by position
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        # added to the scores: made once here, where a boolean mask would be converted in every layer
+        mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
+        mask = mask.unsqueeze(1)  # (B, 1, T, S)
         for layer in self.layers:
             h = layer(h, rope, mask, slots, block_table)
         return self.norm(h)
