@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from llama.chat_format import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+from llama.chat_format import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, TOOL_INSTRUCTION, TOOL_SYSTEM_HEAD
 
 # Llama 2: a system message folds into the first user turn; a finished exchange is
 # <s>[INST] user [/INST] answer </s>; the prompt ends with the last user turn's [/INST].
@@ -33,23 +33,48 @@ _LLAMA2 = (
     "{%- endfor -%}"
 )
 
-# Llama 3: <|begin_of_text|>, each message as a role header, its content and <|eot_id|>; the
-# generation prompt is an open assistant header.
-_LLAMA3 = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
-)
-
-
-
 def _literal(text: str) -> str:
     """`text` as a Jinja string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
+
+# Llama 3: <|begin_of_text|>, each message as a role header, its content and <|eot_id|>; the
+# generation prompt is an open assistant header. With `tools`, Llama 3.1's JSON tool calling: the
+# ipython environment in the system message, the definitions in the first user message, a tool call
+# as {"name": ..., "parameters": ...}, a tool's result as an ipython message.
+_LLAMA3 = (
+    "{{- bos_token -}}"
+    "{%- if tools is defined and tools is not none -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- if not messages -%}{{- raise_exception('tools need a first user message to go in') -}}{%- endif -%}"
+    f"{{{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + {_literal(TOOL_SYSTEM_HEAD)} + system"
+    " + '<|eot_id|>' -}}"
+    f"{{{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' + {_literal(TOOL_INSTRUCTION)} -}}}}"
+    "{%- for tool in tools -%}{{- tool | tojson(indent=4) + '\\n\\n' -}}{%- endfor -%}"
+    "{{- messages[0]['content'] | trim + '<|eot_id|>' -}}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- if not loop.first -%}{{- '; ' -}}{%- endif -%}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{- '{\"name\": ' + call['function']['name'] | tojson + ', \"parameters\": ' -}}"
+    "{{- (arguments if arguments is string else arguments | tojson) + '}' -}}"
+    "{%- endfor -%}"
+    "{{- '<|eot_id|>' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
+    "{%- else -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
 
 # Alpaca: a system message is the input of every instruction (the template with an input; an empty
 # one takes the template without); a user message opens BOS + prompt, an answer closes it with EOS,

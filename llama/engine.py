@@ -24,15 +24,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 from llama.distributed import LOCATE, SHUTDOWN, StepChannel, follow, model_parallel
 from llama.errors import LogitsError
+from llama.grammar import Grammars
 from llama.model import Transformer
 from llama.runner import Runner
 from llama.sampling import SamplingParams
-from llama.scheduler import Event, Output, Plan, Scheduler
-from llama.scheduler import Sequence as SchedSequence
+from llama.scheduler import Alternatives, Event, Output, Plan, Scheduler, Sequence
 from llama.text import TextStream
 from llama.tokenizer import AnyTokenizer
 
@@ -70,8 +70,10 @@ class Request:
     id: int = -1
     tokens: List[int] = field(default_factory=list)  # new tokens, stop tokens excluded
     token_logprobs: List[Optional[float]] = field(default_factory=list)
+    token_top_logprobs: List[Alternatives] = field(default_factory=list)  # with top_logprobs
     prompt_logprobs: List[float] = field(default_factory=list)  # of prompt[1:], with prompt_logprobs
     prompt_greedy: List[bool] = field(default_factory=list)  # prompt[t + 1] is the argmax after prompt[:t + 1]
+    prompt_top_logprobs: List[Alternatives] = field(default_factory=list)  # with top_logprobs and prompt_logprobs
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     stream: Optional[TextStream] = None
     finish_reason: Optional[str] = None  # "stop", "length", "cancelled" or "error"
@@ -85,10 +87,11 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, logprob: Optional[float]) -> bool:
+    def add(self, token: int, logprob: Optional[float], top: Alternatives = None) -> bool:
         """Take a new token; True if a stop string appeared in the text."""
         self.tokens.append(token)
         self.token_logprobs.append(logprob)
+        self.token_top_logprobs.append(top)
         return self.stream is not None and self.stream.push(token)
 
     def finish(self, reason: str, error: Optional[BaseException] = None) -> None:
@@ -127,7 +130,8 @@ class Engine:
         num_blocks = model.layers[0].attention.cache.shape[0]
         self.scheduler = Scheduler(num_blocks, model.block_size, self.max_batch_size, self.max_seq_len,
                                    prefill_chunk, prefix_cache)
-        self.runner = Runner(model, self.max_batch_size, self.max_seq_len)
+        self.grammars = Grammars(tokenizer, model.vocab_size)
+        self.runner = Runner(model, self.max_batch_size, self.max_seq_len, self.grammars)
         self.lock = self._lock = threading.RLock()  # guards the requests' state; held only between steps
         self._wake = threading.Condition(self._lock)  # a dedicated driver waits here for work
         self._requests: Dict[int, Request] = {}  # not yet finished, by id (on every rank alike)
@@ -158,7 +162,7 @@ class Engine:
         """A condition for one call to wait on (`run`), notified when any of its requests changes."""
         return threading.Condition(self._lock)
 
-    def submit(self, requests: Sequence[Request], waiter: threading.Condition,
+    def submit(self, requests: List[Request], waiter: threading.Condition,
                max_waiting: Optional[int] = None) -> None:
         """Queue `requests` (already validated); `waiter` is notified whenever one of them changes."""
         with self._lock:
@@ -181,11 +185,11 @@ class Engine:
                     self._end(r, "length")  # nothing to compute
                     continue
                 if self.leader:
-                    s.add(SchedSequence(r.id, list(r.prompt), r.max_new, r.stop_ids, r.params.prompt_logprobs,
+                    s.add(Sequence(r.id, list(r.prompt), r.max_new, r.stop_ids, r.params.prompt_logprobs,
                                         r.params, r.seed))
             self._wake.notify_all()
 
-    def cancel(self, requests: Sequence[Request]) -> None:
+    def cancel(self, requests: List[Request]) -> None:
         """Ask for `requests` to stop: they end at the next step. Safe from any thread and from a
         finalizer (takes no lock)."""
         for r in requests:
@@ -347,19 +351,18 @@ class Engine:
         if self.mp_size > 1:
             self.channel.send(plan)
         output = self.runner.execute(plan)
-        if output.failed:  # name the module whose output first turned non-finite: every rank re-runs the step
-            failed = list(output.failed)
+        nonfinite = [seq_id for seq_id, why in output.failed.items() if not why]
+        if nonfinite:  # name the module whose output first turned non-finite: every rank re-runs the step
             if self.mp_size > 1:
-                self.channel.send((LOCATE, failed))
-            where = self.runner.recover(plan, failed)
-            for row in plan.rows:
-                if row.seq_id in output.failed:
-                    r = self._requests.get(row.seq_id)
-                    index, step = (r.index, len(r.tokens)) if r is not None else (0, 0)
-                    output.failed[row.seq_id] = (
-                        f"row {index} at generation step {step}: the model's logits are NaN, +inf or all -inf "
-                        "(overflow in the weights or dtype); try dtype='float32' or 'bf16'. First non-finite "
-                        f"output: {where}")
+                self.channel.send((LOCATE, nonfinite))
+            where = self.runner.recover(plan, nonfinite)
+            for seq_id in nonfinite:
+                r = self._requests.get(seq_id)
+                index, step = (r.index, len(r.tokens)) if r is not None else (0, 0)
+                output.failed[seq_id] = (
+                    f"row {index} at generation step {step}: the model's logits are NaN, +inf or all -inf "
+                    "(overflow in the weights or dtype); try dtype='float32' or 'bf16'. First non-finite "
+                    f"output: {where}")
         return output
 
     def _count(self) -> None:
@@ -383,8 +386,9 @@ class Engine:
             if r is None:
                 continue
             if e.stats is not None:
-                r.prompt_logprobs += e.stats[0]
-                r.prompt_greedy += e.stats[1]
+                r.prompt_logprobs += e.stats.logprobs
+                r.prompt_greedy += e.stats.greedy
+                r.prompt_top_logprobs += e.stats.top or []
             if r.first_token_at is None and (e.token is not None or e.finish_reason == "stop"):
                 r.first_token_at = time.perf_counter()
             if e.cached_tokens is not None:
@@ -392,7 +396,7 @@ class Engine:
             reason = e.finish_reason
             if e.token is not None:
                 self.stats.generated_tokens += 1
-                if r.add(e.token, e.logprob) and reason is None:
+                if r.add(e.token, e.logprob, e.top) and reason is None:
                     reason = "stop"  # a stop string: the scheduler learns it from here
                     if self.leader:
                         self.scheduler.finish(r.id, reason)

@@ -26,12 +26,16 @@ from llama.tokenizer import AnyTokenizer
 log = logging.getLogger(__name__)
 
 Stop = Union[str, Sequence[str], None]
+# SamplingParams fields the generation methods take as keyword arguments beyond Meta's (their `**sampling`)
+MORE_SAMPLING = frozenset({"min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                           "top_logprobs", "constraint"})
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: List[str]  # present when logprobs=True
     logprobs: List[float]  # present when logprobs=True
+    top_logprobs: List[Optional[dict]]  # present with top_logprobs: {token text: log-probability} per token
 
 
 class ChatPrediction(TypedDict, total=False):
@@ -145,6 +149,7 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        **sampling,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt until a stop token, a stop string, or `max_gen_len` new tokens (or
         the end of max_seq_len).
@@ -155,10 +160,15 @@ class Llama:
         `logprobs`, each returned token's log-probability (0.0 for the first prompt token). Prompt i
         samples from a generator seeded with `seed + i` (`seed` None: drawn from this object's
         generator), so a seeded prompt gets the same tokens whatever else runs.
+
+        `**sampling` takes further llama.sampling.SamplingParams fields, here and in every method below:
+        min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({token id: bias}),
+        top_logprobs (with logprobs: the most likely alternatives at each position) and constraint (a
+        llama.sampling.Constraint: a JSON Schema, any JSON object, a regex or a grammar the text must match).
         """
         contexts = prompt_tokens if stop else None  # stop strings need the text
         requests = self._start(prompt_tokens, contexts, max_gen_len, temperature, top_p, top_k, stop, stop_tokens,
-                               logprobs, echo, seed)
+                               logprobs, echo, seed, sampling=sampling)
         self._wait(requests)
         tokens = [(r.prompt if echo else []) + r.tokens for r in requests]
         if not logprobs:
@@ -178,11 +188,12 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        **sampling,
     ) -> List[CompletionPrediction]:
         """Complete each prompt; the text ends before the first `stop` string, if any appears."""
         prompt_tokens = self._encode_prompts(prompts)
         requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
-                               stop, stop_tokens, logprobs, echo, seed)
+                               stop, stop_tokens, logprobs, echo, seed, sampling=sampling)
         self._wait(requests)
         return [self._prediction(r, logprobs, echo) for r in requests]
 
@@ -197,6 +208,7 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        **sampling,
     ) -> "Stream":
         """`text_completion` as it happens: yields, after each decoding step that adds text, one
         string per prompt with its new text ('' where none). Each prompt's pieces join up to its
@@ -204,7 +216,7 @@ class Llama:
         this returns; closing the stream (or dropping it) frees their slots."""
         prompt_tokens = self._encode_prompts(prompts)
         requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
-                               stop, stop_tokens, seed=seed, follow=True)
+                               stop, stop_tokens, seed=seed, follow=True, sampling=sampling)
         return Stream(self, requests)
 
     def chat_completion(
@@ -219,12 +231,13 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        **sampling,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in `self.chat_format` (by default the tokenizer's: Llama 2's
         `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
-                               top_p, top_k, stop, stop_tokens, logprobs, seed=seed)
+                               top_p, top_k, stop, stop_tokens, logprobs, seed=seed, sampling=sampling)
         self._wait(requests)
         return [self._prediction(r, logprobs, False, role="assistant") for r in requests]
 
@@ -239,11 +252,12 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        **sampling,
     ) -> "Stream":
         """`chat_completion` as it happens, yielding like `stream`."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
-                               top_p, top_k, stop, stop_tokens, seed=seed, follow=True)
+                               top_p, top_k, stop, stop_tokens, seed=seed, follow=True, sampling=sampling)
         return Stream(self, requests)
 
     def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
@@ -316,6 +330,7 @@ class Llama:
         decode_after: Optional[List[int]] = None,
         max_waiting: Optional[int] = None,
         on_change: Optional[Callable[[], None]] = None,
+        **sampling,
     ) -> "Completion":
         """Queue one prompt and return at once: a `Completion` to iterate for its output as it comes, or
         to wait for. What a server calls from its request threads; under model parallelism only rank 0
@@ -331,7 +346,7 @@ class Llama:
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
                                stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True,
-                               on_change=on_change)
+                               on_change=on_change, sampling=sampling)
         return Completion(self, requests[0])
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -356,23 +371,35 @@ class Llama:
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
                max_waiting: Optional[int] = None, follow: bool = False,
-               on_change: Optional[Callable[[], None]] = None) -> List[Request]:
+               on_change: Optional[Callable[[], None]] = None, sampling: Optional[dict] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
-        or none where `contexts` is None."""
+        or none where `contexts` is None. `sampling`: more SamplingParams fields (penalties, ...)."""
+        sampling = dict(sampling or {})
 
         def check() -> Tuple[SamplingParams, int]:
             if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
                 raise ValueError(f"max_gen_len={max_gen_len!r} must be an integer >= 0")
+            unknown = sorted(set(sampling) - MORE_SAMPLING)
+            if unknown:
+                raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}: the others are "
+                                f"{', '.join(sorted(MORE_SAMPLING))}")
             params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
                                     stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=logprobs and echo)
+                                    prompt_logprobs=logprobs and echo, **sampling)
             self._check_prompts(prompt_tokens)
-            if not all(t < self.model.vocab_size for t in params.stop_token_ids):
-                raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {self.model.vocab_size})")
+            vocab = self.model.vocab_size
+            if not all(t < vocab for t in params.stop_token_ids):
+                raise ValueError(f"stop_tokens={stop_tokens!r} must be token ids in [0, {vocab})")
+            if any(t >= vocab for t, _ in params.logit_bias):
+                raise ValueError(f"logit_bias names token {max(t for t, _ in params.logit_bias)}: ids must be in "
+                                 f"[0, {vocab})")
+            if params.constraint is not None:
+                self.engine.grammars.check(params.constraint)
             return params, self._draw_seed() if seed is None else seed
 
-        same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed)
+        same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed,
+                sorted(sampling.items(), key=lambda kv: kv[0]))
         params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
         stop_ids = self.tokenizer.stop_ids | params.stop_token_ids
         requests = [Request(prompt=list(p), params=params, max_new=min(max_gen_len, self.max_seq_len - len(p)),
@@ -490,6 +517,10 @@ class Llama:
             tokens = (r.prompt if echo else []) + r.tokens
             out["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
             out["logprobs"] = ([0.0] + r.prompt_logprobs if echo else []) + r.token_logprobs
+            if r.params.top_logprobs:
+                tops = ([None] + r.prompt_top_logprobs if echo else []) + r.token_top_logprobs
+                out["top_logprobs"] = [None if alts is None else {self.tokenizer.decode([t]): lp for t, lp in alts}
+                                       for alts in tops]
         return out
 
 

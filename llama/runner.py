@@ -3,36 +3,52 @@
 `forward(plan)` runs the plan's two forwards, every rank alike (their collectives must match):
 the decode rows, one token each (compiled, when the model is, in buckets of rows and of blocks),
 and the prefill rows, a chunk each, right-padded. `execute(plan)` also turns their logits into the
-plan's Output on rank 0: each sampling row's next token, drawn with the row's own settings and
-generator, and the prompt statistics rows ask for. Everything comes from the plan; the runner keeps
-only the generators, by sequence id, until the plan says a sequence ended.
+plan's Output on rank 0: each sampling row's next token, drawn with the row's own settings
+(penalties, logit bias, a grammar's mask, temperature, top-k, top-p, min-p: llama.sampling) and
+generator, and the log-probabilities rows ask for. Everything comes from the plan; the runner keeps
+only what a sequence's sampling carries from step to step (its generator, its token counts for
+penalties, its grammar's parser state), by sequence id, until the plan says the sequence ended.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from llama.grammar import Grammars
 from llama.model import Transformer
 from llama.numerics import first_nonfinite
-from llama.sampling import sample
-from llama.scheduler import NULL_BLOCK, Output, Plan, Row
+from llama.sampling import penalize, sample, top_logprobs
+from llama.scheduler import NULL_BLOCK, Output, Plan, PromptStats, Row, Sampled
 
 MIN_KV_BUCKET = 128  # the fewest keys a compiled decode step reads (see kv_bucket)
 
 Logits = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
+@dataclass
+class _State:
+    """What the runner keeps of a sequence between steps."""
+
+    generator: Optional[torch.Generator] = None
+    seen: Optional[torch.Tensor] = None  # (V,) bool: the tokens of its prompt and output (repetition penalty)
+    counts: Optional[torch.Tensor] = None  # (V,) float: how often each token is in its output
+    matcher: Any = None  # its grammar's parser state
+
+
 class Runner:
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int):
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int,
+                 grammars: Optional[Grammars] = None):
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.block_size = model.block_size
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.row_buckets = row_buckets(max_batch_size)
-        self.generators: Dict[int, torch.Generator] = {}
+        self.grammars = grammars
+        self.states: Dict[int, _State] = {}
 
     # Every rank.
 
@@ -103,9 +119,11 @@ class Runner:
     def execute(self, plan: Plan) -> Output:
         """The plan's forwards, then each sampling row's token and the prompt statistics asked for."""
         for seq_id in plan.finished:
-            self.generators.pop(seq_id, None)
-        output = self.sample(plan, *self.forward(plan))
-        return output
+            self.states.pop(seq_id, None)
+        for row in plan.rows:
+            if row.params.penalized:
+                self._count(row)
+        return self.sample(plan, *self.forward(plan))
 
     def sample(self, plan: Plan, decode_logits: Optional[torch.Tensor],
                prefill_logits: Optional[torch.Tensor]) -> Output:
@@ -118,7 +136,8 @@ class Runner:
         for row in plan.prefill:
             k = len(row.targets)
             if k:
-                output.prompt_stats[row.seq_id] = _prompt_stats(prefill_logits[offset : offset + k], row.targets)
+                output.prompt_stats[row.seq_id] = _prompt_stats(prefill_logits[offset : offset + k], row.targets,
+                                                                row.params.top_logprobs)
                 offset += k
             if row.sample:
                 sampled.append((row, prefill_logits[offset]))
@@ -130,38 +149,118 @@ class Runner:
     def _sample_rows(self, sampled: List[Tuple[Row, torch.Tensor]], decode_logits: Optional[torch.Tensor],
                      output: Output) -> None:
         rows = [r for r, _ in sampled]
+        params = [r.params for r in rows]
         only_decode = decode_logits is not None and len(sampled) == len(decode_logits)
         logits = decode_logits if only_decode else torch.stack([x for _, x in sampled])  # (R, vocab)
         # Logits holding NaN or +inf, or nothing above -inf, are exactly those whose max is not finite
         # (max propagates NaN). Sampling must not see them; their rows fail.
-        peak, tokens = logits.max(dim=-1)  # the max is the greedy token's logit
-        params = [r.params for r in rows]
+        peak = logits.amax(dim=-1)
+        work = self._processed(logits, rows, output)
         if any(p.temperature > 0 for p in params):
-            logits = logits.masked_fill(~peak.isfinite()[:, None], 0.0)
-            tokens = sample(logits, [p.temperature for p in params], [p.top_p for p in params],
-                            [p.top_k for p in params], [self._generator(r) for r in rows])
+            work = work.masked_fill(~peak.isfinite()[:, None], 0.0)
+        tokens = sample(work, [p.temperature for p in params], [p.top_p for p in params], [p.top_k for p in params],
+                        [p.min_p for p in params], [self._generator(r) for r in rows])
         # One host sync for tokens and peaks together (token ids are exact in float32).
         host_tokens, peaks = torch.stack([tokens.float(), peak.float()]).tolist()
-        logprobs: List[Optional[float]] = [None] * len(rows)
-        want = [i for i, p in enumerate(params) if p.logprobs]
-        if want:
-            index = torch.tensor(want, device=logits.device)
-            chosen = F.log_softmax(logits[index], dim=-1).gather(-1, tokens[index][:, None]).squeeze(-1)
-            for i, lp in zip(want, chosen.tolist()):
-                logprobs[i] = lp
-        for row, token, p, lp in zip(rows, host_tokens, peaks, logprobs):
-            if math.isfinite(p):
-                output.tokens[row.seq_id] = (int(token), lp)
-            else:
+        logprobs, tops = self._logprobs(logits, tokens, params)
+        for i, (row, token, p) in enumerate(zip(rows, host_tokens, peaks)):
+            if row.seq_id in output.failed:
+                continue
+            if not math.isfinite(p):
                 output.failed[row.seq_id] = ""
+                continue
+            output.tokens[row.seq_id] = Sampled(int(token), logprobs[i], tops[i])
+            matcher = self.states[row.seq_id].matcher if row.params.constraint is not None else None
+            if matcher is not None and not matcher.consume_token(int(token)):
+                output.failed[row.seq_id] = f"the constraint refused token {int(token)}: {matcher.get_error()}"
+
+    def _processed(self, logits: torch.Tensor, rows: List[Row], output: Output) -> torch.Tensor:
+        """The logits sampling draws from: after each row's penalties, logit bias and grammar mask (a copy,
+        where any applies; the model's own logits stay for the log-probabilities)."""
+        penalized = [i for i, r in enumerate(rows) if r.params.penalized]
+        biased = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias]
+        constrained = [i for i, r in enumerate(rows) if r.params.constraint is not None]
+        if not (penalized or biased or constrained):
+            return logits
+        work = logits.clone()
+        if penalized:
+            index = torch.tensor(penalized, device=work.device)
+            states = [self.states[rows[i].seq_id] for i in penalized]
+            ps = [rows[i].params for i in penalized]
+            values = lambda name: torch.tensor([getattr(p, name) for p in ps], device=work.device)  # noqa: E731
+            work[index] = penalize(work[index], torch.stack([s.seen for s in states]),
+                                   torch.stack([s.counts for s in states]), values("repetition_penalty"),
+                                   values("frequency_penalty"), values("presence_penalty"))
+        if biased:
+            i, t, b = zip(*biased)
+            work.index_put_((torch.tensor(i, device=work.device), torch.tensor(t, device=work.device)),
+                            torch.tensor(b, device=work.device, dtype=work.dtype), accumulate=True)
+        if constrained:
+            matchers = [self._matcher(rows[i]) for i in constrained]
+            error = self.grammars.mask(work, constrained, matchers)
+            if error is not None:
+                for i in constrained:
+                    output.failed[rows[i].seq_id] = f"the constraint cannot go on: {error}"
+        return work
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, params) -> Tuple[list, list]:
+        """Per row: the sampled token's log-probability and its top alternatives, under the model's own
+        distribution, where asked for (else None)."""
+        logprobs: List[Optional[float]] = [None] * len(params)
+        tops: List[Optional[list]] = [None] * len(params)
+        want = [i for i, p in enumerate(params) if p.logprobs]
+        if not want:
+            return logprobs, tops
+        index = torch.tensor(want, device=logits.device)
+        distribution = F.log_softmax(logits[index], dim=-1)
+        for i, lp in zip(want, distribution.gather(-1, tokens[index][:, None]).squeeze(-1).tolist()):
+            logprobs[i] = lp
+        k = max(params[i].top_logprobs for i in want)
+        if k:
+            ids, values = top_logprobs(distribution, k)
+            for row, i in enumerate(want):
+                n = params[i].top_logprobs
+                tops[i] = list(zip(ids[row][:n], values[row][:n])) if n else None
+        return logprobs, tops
+
+    def _state(self, seq_id: int) -> _State:
+        state = self.states.get(seq_id)
+        if state is None:
+            state = self.states[seq_id] = _State()
+        return state
 
     def _generator(self, row: Row) -> Optional[torch.Generator]:
         if row.params.temperature <= 0:
             return None
-        g = self.generators.get(row.seq_id)
-        if g is None:
-            g = self.generators[row.seq_id] = torch.Generator().manual_seed(row.seed)
-        return g
+        state = self._state(row.seq_id)
+        if state.generator is None:
+            state.generator = torch.Generator().manual_seed(row.seed)
+        return state.generator
+
+    def _matcher(self, row: Row):
+        state = self._state(row.seq_id)
+        if state.matcher is None:
+            state.matcher = self.grammars.matcher(row.params.constraint)
+        return state.matcher
+
+    def _count(self, row: Row) -> None:
+        """Add a penalized row's fed tokens to its sequence's counts (first, on a (re)start, its history)."""
+        state = self._state(row.seq_id)
+        V = self.model.vocab_size
+        if row.history is not None or state.seen is None:
+            state.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+            state.counts = torch.zeros(V, device=self.device)
+            self._add(state, row.history or [], 0, row.prompt_len)
+        self._add(state, row.tokens, row.start, row.prompt_len)
+
+    def _add(self, state: _State, tokens: List[int], start: int, prompt_len: int) -> None:
+        if not tokens:
+            return
+        ids = self._tensor(tokens)
+        state.seen[ids] = True
+        output = ids[max(0, prompt_len - start) :]  # the positions past the prompt
+        if output.numel():
+            state.counts.index_add_(0, output, torch.ones(output.numel(), device=self.device))
 
     def recover(self, plan: Plan, failed: List[int]) -> str:
         """(every rank alike) After rows of `plan` turned non-finite: name the first module whose output did
@@ -210,9 +309,12 @@ def _padded(table: List[int], width: int) -> List[int]:
     return table[:width] + [NULL_BLOCK] * (width - len(table))
 
 
-def _prompt_stats(logits: torch.Tensor, targets: List[int]) -> Tuple[List[float], List[bool]]:
-    """Log-probability and greedy flag of each target token under its row of logits."""
+def _prompt_stats(logits: torch.Tensor, targets: List[int], k: int) -> PromptStats:
+    """Log-probability and greedy flag of each target token under its row of logits, and with k > 0 the
+    k most likely tokens there."""
     target = torch.tensor(targets, device=logits.device)
-    lp = F.log_softmax(logits, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+    distribution = F.log_softmax(logits, dim=-1)
+    lp = distribution.gather(-1, target[:, None]).squeeze(-1)
     greedy = logits.argmax(-1) == target
-    return lp.tolist(), greedy.tolist()
+    top = [list(zip(*pair)) for pair in zip(*top_logprobs(distribution, k))] if k else None
+    return PromptStats(lp.tolist(), greedy.tolist(), top)

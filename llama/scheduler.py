@@ -66,7 +66,9 @@ class Sequence:
 class Row:
     """One sequence's part of a forward: `tokens` at positions start, start + 1, ...; its block table
     covers them. `sample`: draw the next token from the last one's logits. `targets`: with prompt
-    statistics, the prompt tokens that follow fed tokens stats_from, stats_from + 1, ... ."""
+    statistics, the prompt tokens that follow fed tokens stats_from, stats_from + 1, ... .
+    `history`: on a penalized sequence's first row since it (re)started, its tokens before `start`,
+    for the runner's counts."""
 
     seq_id: int
     start: int
@@ -75,8 +77,10 @@ class Row:
     sample: bool
     params: Any = None
     seed: int = 0
+    prompt_len: int = 0
     stats_from: int = 0
     targets: List[int] = field(default_factory=list)
+    history: Optional[List[int]] = None
 
 
 @dataclass
@@ -93,14 +97,32 @@ class Plan:
         return self.decode + self.prefill
 
 
+Alternatives = Optional[List[Tuple[int, float]]]  # the most likely tokens at a position, with their log-probabilities
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: Optional[float] = None  # when the row asked for log-probabilities
+    top: Alternatives = None  # when it asked for top_logprobs
+
+
+@dataclass
+class PromptStats:
+    """Of a row's targets: each one's log-probability and whether it was the argmax, and the alternatives."""
+
+    logprobs: List[float]
+    greedy: List[bool]
+    top: Optional[List[List[Tuple[int, float]]]] = None
+
+
 @dataclass
 class Output:
-    """What the runner made of a plan, by sequence id: sampled tokens with their log-probabilities
-    (None unless asked for), prompt statistics (log-probabilities and greedy flags of the targets),
-    and rows whose logits nothing could be sampled from (with the reason)."""
+    """What the runner made of a plan, by sequence id: sampled tokens, prompt statistics, and rows
+    whose logits nothing could be sampled from (with the reason)."""
 
-    tokens: Dict[int, Tuple[int, Optional[float]]] = field(default_factory=dict)
-    prompt_stats: Dict[int, Tuple[List[float], List[bool]]] = field(default_factory=dict)
+    tokens: Dict[int, Sampled] = field(default_factory=dict)
+    prompt_stats: Dict[int, PromptStats] = field(default_factory=dict)
     failed: Dict[int, str] = field(default_factory=dict)
 
 
@@ -112,7 +134,8 @@ class Event:
     seq_id: int
     token: Optional[int] = None
     logprob: Optional[float] = None
-    stats: Optional[Tuple[List[float], List[bool]]] = None
+    top: Alternatives = None
+    stats: Optional[PromptStats] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     cached_tokens: Optional[int] = None  # prompt tokens it found in the prefix cache
@@ -283,7 +306,8 @@ class Scheduler:
             if event.stats is not None:
                 seq.stats_done = row.start + row.stats_from + len(row.targets)
             if row.sample:
-                token, event.logprob = output.tokens[seq.id]
+                sampled = output.tokens[seq.id]
+                token, event.logprob, event.top = sampled.token, sampled.logprob, sampled.top
                 if token in seq.stop_token_ids:
                     event.finish_reason = "stop"
                 else:
@@ -300,11 +324,13 @@ class Scheduler:
 
     # Planning.
 
-    def _plan_row(self, plan: Plan, seq: Sequence, n: int, budget: "_Budget") -> None:
+    def _plan_row(self, plan: Plan, seq: Sequence, n: int, budget: "_Budget", started: bool = False) -> None:
         start = seq.computed
         tokens = seq.tokens[start : start + n]
         sample = start + n == len(seq.tokens) and seq.max_tokens > seq.generated
-        row = Row(seq.id, start, tokens, list(seq.blocks), sample, seq.params, seq.seed)
+        row = Row(seq.id, start, tokens, list(seq.blocks), sample, seq.params, seq.seed, seq.prompt_len)
+        if started and getattr(seq.params, "penalized", False):
+            row.history = seq.tokens[:start]
         if seq.prompt_stats and start < seq.prompt_len:
             row.stats_from = max(0, seq.stats_done - start)
             row.targets = seq.tokens[start + row.stats_from + 1 : min(start + n + 1, seq.prompt_len)]
@@ -339,7 +365,7 @@ class Scheduler:
             self.prompt_tokens_cached += seq.cached_tokens
         self.running.append(seq)
         self._grow(seq, computed + n)
-        self._plan_row(plan, seq, n, budget)
+        self._plan_row(plan, seq, n, budget, started=True)
         return True
 
     def _cached_prefix(self, seq: Sequence) -> List[Tuple[int, bytes]]:

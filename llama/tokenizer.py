@@ -70,6 +70,20 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for: a byte piece's byte, a piece's text with its leading space;
+        a control token's (<s>, </s>) and <unk>'s are its piece."""
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.is_control(i) or self.sp.is_unknown(i):
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()
+
+    @property
+    def special_ids(self) -> FrozenSet[int]:
+        return frozenset(i for i in range(self.n_words) if self.sp.is_control(i) or self.sp.is_unknown(i))
+
 
 # Llama 3's pre-tokenizer: contractions, letter runs (with one leading non-letter), numbers of
 # at most three digits, punctuation runs, newlines, and whitespace that leaves its last space to
@@ -146,6 +160,14 @@ class Llama3Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # A multi-byte character cut between tokens decodes to U+FFFD until its last byte arrives.
         return self.model.decode(list(ids), errors="replace")
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for (a special token's: its text)."""
+        return self.model.decode_single_token_bytes(i)
+
+    @property
+    def special_ids(self) -> FrozenSet[int]:
+        return frozenset(self.special_tokens.values())
 
 
 def import_tokenizers():
@@ -226,6 +248,8 @@ class HFTokenizer:
             stops |= {i for i in (self.eot_id, self.eom_id) if i is not None}
         self._stop_ids = frozenset(stops)
         self._special_ids = frozenset(self.special_tokens.values())
+        self._added_ids = frozenset(self.tk.get_added_tokens_decoder())
+        self._byte_level = self.tk.decoder is not None and b"ByteLevel" in self.tk.decoder.__getstate__()
         byte_fallback = self.tk.decoder is not None and b"ByteFallback" in self.tk.decoder.__getstate__()
         self._byte_pieces: Dict[int, int] = {
             i: int(t[3:5], 16) for t, i in self.tk.get_vocab(with_added_tokens=False).items()
@@ -257,6 +281,24 @@ class HFTokenizer:
     @property
     def default_chat_format(self) -> str:
         return "llama3" if self.llama3_style else "llama2"
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for: a byte piece's byte, a byte-level BPE token's bytes, a
+        SentencePiece-style piece's text with its leading space, an added token's text."""
+        if i in self._byte_pieces:
+            return bytes([self._byte_pieces[i]])
+        token = self.tk.id_to_token(i)
+        if token is None:
+            return b""
+        if i in self._special_ids or i in self._added_ids:
+            return token.encode()
+        if self._byte_level:
+            return bytes(_UNICODE_TO_BYTE.get(c, 0) for c in token)
+        return token.replace("\u2581", " ").encode()
+
+    @property
+    def special_ids(self) -> FrozenSet[int]:
+        return self._special_ids
 
     @property
     def stop_ids(self) -> FrozenSet[int]:
@@ -296,6 +338,23 @@ class HFTokenizer:
 
 
 AnyTokenizer = Union[Tokenizer, Llama3Tokenizer, HFTokenizer]
+
+
+def _byte_level_alphabet() -> Dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), mapped back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.json")

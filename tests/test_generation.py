@@ -226,10 +226,10 @@ def test_top_k(tiny_llama):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     top5 = logits.topk(5, dim=-1).indices
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    picks = torch.stack([sample(logits, [2.0] * 3, [1.0] * 3, [5] * 3, gens) for _ in range(300)], 1)  # (3, 300)
+    picks = torch.stack([sample(logits, [2.0] * 3, [1.0] * 3, [5] * 3, [0.0] * 3, gens) for _ in range(300)], 1)
     assert all(set(picks[i].tolist()) == set(top5[i].tolist()) for i in range(3))
     # Rows keep their own parameters: a greedy row beside sampled ones, top-k 1 beside top-k 5.
-    mixed = sample(logits, [0.0, 2.0, 2.0], [1.0, 1.0, 1.0], [0, 1, 5], gens)
+    mixed = sample(logits, [0.0, 2.0, 2.0], [1.0, 1.0, 1.0], [0, 1, 5], [0.0] * 3, gens)
     assert mixed[:2].tolist() == logits[:2].argmax(-1).tolist() and mixed[2].item() in top5[2].tolist()
 
 

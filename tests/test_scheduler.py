@@ -2,7 +2,7 @@
 eviction, preemption, chunked prefill, and what a cancelled or failed row leaves in the cache."""
 import pytest
 
-from llama.scheduler import BlockPool, Output, Scheduler, Sequence, block_key
+from llama.scheduler import BlockPool, Output, PromptStats, Sampled, Scheduler, Sequence, block_key
 
 BS = 4  # positions per block, small so that a few tokens fill several
 
@@ -25,9 +25,9 @@ def step(s: Scheduler, next_token=lambda row: 100 + row.seq_id, failed=()):
         if row.seq_id in failed:
             out.failed[row.seq_id] = "NaN"
         elif row.sample:
-            out.tokens[row.seq_id] = (next_token(row), None)
+            out.tokens[row.seq_id] = Sampled(next_token(row))
         if row.targets:
-            out.prompt_stats[row.seq_id] = ([-1.0] * len(row.targets), [True] * len(row.targets))
+            out.prompt_stats[row.seq_id] = PromptStats([-1.0] * len(row.targets), [True] * len(row.targets))
     return plan, s.update(plan, out)
 
 
