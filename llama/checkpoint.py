@@ -22,7 +22,7 @@ import time
 import uuid
 import zipfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -172,7 +172,31 @@ def load_shard(path: str | os.PathLike) -> StateDict:
                               "download or convert it again") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors: re-save it with torch.save(model.state_dict())")
+    for name, t in sd.items():
+        check_stored(t, name, path)
     return sd
+
+
+def check_stored(t: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse a tensor whose file stores fewer bytes than its elements need (zero strides, or a storage cut
+    short), before anything is allocated for the size it claims."""
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if need > have:
+        raise CheckpointError(f"{path}: {name} of shape {tuple(t.shape)} claims {need} bytes but the file stores "
+                              f"{max(have, 0)} for it (repeated or missing elements): re-save the checkpoint with "
+                              "plain tensors, or download it again")
+
+
+def confined(folder: Path, name, source: Path) -> Path:
+    """`folder / name` for a file name read from `source` (a checkpoint's own file), refused unless it stays
+    inside `folder`: a relative path without '..'. Symbolic links inside the folder are followed as they are
+    (the Hugging Face cache links its snapshots to blobs elsewhere)."""
+    path = PurePosixPath(name) if isinstance(name, str) else None
+    if path is None or not name or path.is_absolute() or ".." in path.parts or "\\" in name or ":" in name:
+        raise CheckpointError(f"{source} names the file {name!r}, which is not inside {folder}: a checkpoint may "
+                              "only name files in its own folder; restore the file from the original download")
+    return folder / path
 
 
 def check_names(found: Iterable[str], expected: Iterable[str], path: Path, fix: str) -> None:
@@ -335,6 +359,7 @@ class MetaCheckpoint:
         if isinstance(params.get("vocab_size", -1), int) and params.get("vocab_size", -1) <= 0:
             params["vocab_size"] = vocab_size  # Llama 1's params.json says -1
         self.args = model_args(params, folder / "params.json")
+        self._check_count()
         try:  # a quantized checkpoint (scripts/quantize.py): each linear's layout, read from shard 00
             self.layout: Optional[Layout] = read_layout(self.shards[0], linear_names(self.args))
         except CheckpointError as e:
@@ -362,6 +387,15 @@ class MetaCheckpoint:
     @property
     def names(self) -> List[str]:
         return list(full_shapes(self.args, self.layout))
+
+    def _check_count(self) -> None:
+        """Compare each shard's number of layers with params.json's, before listing the names it implies."""
+        for path, sd in zip(self.files, self.shards):
+            layers = len({name.split(".")[1] for name in sd if name.startswith("layers.")})
+            if layers != self.args.n_layers:
+                raise CheckpointError(f"{path} holds {layers} layers but params.json says n_layers="
+                                      f"{self.args.n_layers}: the shard and params.json come from different models; "
+                                      "download or convert the checkpoint again")
 
     def _check_shapes(self) -> None:
         shapes = full_shapes(self.args, self.layout)

@@ -8,7 +8,8 @@ line naming the flag (and the closest known one, for a misspelling). fire then c
 parse function per flag so that values arrive as typed (`--api_key 'k#1'` stays a string, `--stop 3` is
 the string "3", `--prompts a b c` three prompts). An error the function raises for bad input (a ValueError,
 a missing file, memory too small) ends every rank with exit status 1 and one line from rank 0 that names
-flags, not Python arguments (`--max_seq_len=128`, not `max_seq_len=128`).
+flags, not Python arguments (`--max_seq_len=128`, not `max_seq_len=128`). Ctrl-C ends every rank quietly
+with exit status 130.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 USAGE_ERROR = 2  # argparse's status for a command line it cannot use
 INPUT_ERROR = 1
+INTERRUPTED = 130  # the exit status of a program ended by Ctrl-C (128 + SIGINT), as shells report it
 
 DEMO_WARNING = (
     "No --ckpt_dir given: running a tiny random-weight demo model built on the spot. Its output is "
@@ -241,8 +243,11 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None, prog: Optional[str
 
     Usage errors (exit 2) come before anything runs; --help prints the flags; bad input raised by `main`
     (exit 1) is one line from rank 0 naming the flags (also for `more_errors`); every rank of a torchrun job
-    ends alike.
+    ends alike. Ctrl-C ends every rank quietly with exit status 130, including a rank whose collective call
+    broke because another rank left on its Ctrl-C.
     """
+    import signal
+
     import fire
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -265,18 +270,53 @@ def run(main: Callable, argv: Optional[Sequence[str]] = None, prog: Optional[str
     had_group = dist.is_initialized()  # in a Python program that already runs one, it stays its own
     # fire calls `main`; each value is already typed, so its parse function hands it over as it is.
     fire.decorators.SetParseFns(**{name: (lambda _, v=value: v) for name, value in given.items()})(main)
+    ctrl_c = CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
         fire.Fire(main, command=[f"--{name}=_" for name in given], name=prog)
+    except KeyboardInterrupt:
+        return _interrupted(rank)
     except input_errors() + tuple(more_errors) as e:
+        if ctrl_c.pressed:
+            return _interrupted(rank)
         if rank == 0:
-            print(f"error: {flag_names(str(e), flags)}", file=sys.stderr)
+            print(f"error: {flag_names(str(e), flags) or type(e).__name__}", file=sys.stderr)
         return INPUT_ERROR
+    except Exception:
+        if ctrl_c.pressed:
+            return _interrupted(rank)
+        raise
     finally:
-        if not had_group:  # the group this run set up (Llama.build), with fairscale's on top
-            from llama.distributed import end_process_group
+        interrupted, ctrl_c.pressed = ctrl_c.pressed, True  # from here on a Ctrl-C is ignored
+        try:
+            if not had_group:  # the group this run set up (Llama.build), with fairscale's on top
+                from llama.distributed import end_process_group
 
-            end_process_group()
+                end_process_group()
+        finally:
+            # Interrupted, the process is ending: a second Ctrl-C (torchrun forwards one) must not kill it by
+            # signal on the way out. Otherwise the caller's handler is back.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if interrupted else previous)
     return 0
+
+
+class CtrlC:
+    """A SIGINT handler that raises KeyboardInterrupt once and ignores the signals after it: under torchrun a
+    terminal's Ctrl-C reaches every rank, and torchrun then sends each the same signal again."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.pressed:
+            self.pressed = True
+            raise KeyboardInterrupt
+
+
+def _interrupted(rank: int) -> int:
+    if rank == 0 and sys.stderr.isatty():
+        print(file=sys.stderr)  # the shell's prompt on a line of its own, after the terminal's ^C
+    return INTERRUPTED
 
 
 def input_errors() -> Tuple[type, ...]:

@@ -20,7 +20,7 @@ from llama.loading import load_model
 from llama.model import Transformer
 from llama.quantize import check_mode
 from llama.sampling import SamplingParams
-from llama.text import decode_continuation
+from llama.text import decode_continuation, stop_matcher
 from llama.tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
@@ -401,6 +401,8 @@ class Llama:
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed,
                 sorted(sampling.items(), key=lambda kv: kv[0]))
         params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
+        if params.stop:
+            stop_matcher(params.stop)  # built here, not under the engine's lock, where the requests' streams find it
         stop_ids = self.tokenizer.stop_ids | params.stop_token_ids
         requests = [Request(prompt=list(p), params=params, max_new=min(max_gen_len, self.max_seq_len - len(p)),
                             seed=base_seed + i, stop_ids=stop_ids,

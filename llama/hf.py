@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llama.checkpoint import (MetaCheckpoint, Progress, StateDict, assemble, atomic_folder, check_names, check_world,
-                              extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
+                              confined, extent, ffn_params, full_shapes, model_args, read_json, region, shard_dim)
 from llama.errors import CheckpointError
 from llama.hf_tokenizer import check_export_chat_format, export_tokenizer
 from llama.model import ModelArgs
@@ -194,7 +194,10 @@ class HFCheckpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map: restore it from the original download")
-            files = [self.path / name for name in sorted(set(weight_map.values()))]
+            names = weight_map.values()
+            if not all(isinstance(name, str) for name in names):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            files = [confined(self.path, name, index) for name in sorted(set(names))]
         else:
             files = [self.path / "model.safetensors"]
         for path in files:

@@ -98,6 +98,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
         tokenizer = load_tokenizer(tokenizer_path)
         seq_len = resolve_max_seq_len(max_seq_len, checkpoint_context(ckpt_dir))
         args = dataclasses.replace(ckpt.args, max_seq_len=seq_len, max_batch_size=max_batch_size)
+        args.validate()  # max_seq_len and max_batch_size within bounds too
         if tokenizer.n_words > args.vocab_size:
             raise CheckpointError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the model's vocab_size is "
@@ -114,6 +115,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
         model = parallelize_(Transformer(args))
         if ckpt.quantized:
             prepare_quantized_(model, ckpt.layout)  # the layout of a checkpoint from scripts/quantize.py
+    on_every_rank(lambda: check_weights_fit(model, ckpt_dir, device, dtype))
     materialize_(model, device, dtype)
 
     def load() -> int:  # what one rank can fail at alone: its own files, its own memory
@@ -136,6 +138,23 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
              "" if not (layout or ckpt.layout) else f", {describe(layout or ckpt.layout)} weights", device,
              time.perf_counter() - start)
     return model, tokenizer
+
+
+def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes `materialize_` gives a model built on the meta device: floating point tensors in `dtype`."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def check_weights_fit(model: nn.Module, source, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse to allocate weights that do not fit in the memory still free (as check_cache_fits does for
+    the KV cache), instead of failing in the allocator or the kernel's OOM killer."""
+    need, free = weight_bytes(model, dtype), available_memory(device)
+    if free is not None and need > 0.9 * free:
+        gib = 2**30
+        raise MemoryError(f"the weights of {source} need {need / gib:.2f} GiB on {device} (this rank's share, in "
+                          f"{str(dtype).replace('torch.', '')}) but only {free / gib:.2f} GiB is free: use more "
+                          "model-parallel processes, a 16-bit dtype, or a machine with more memory")
 
 
 def materialize_(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -15,6 +15,7 @@ matmul each per step); `load_state_dict` takes Meta's names too.
 from __future__ import annotations
 
 import logging
+import math
 import types
 from dataclasses import dataclass, fields
 from typing import Dict, Optional, Tuple
@@ -28,6 +29,23 @@ from llama.errors import check_positive_int
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # positions per KV-cache block
+
+# Bounds on each size a checkpoint declares: several times the largest LLaMA (405B: dim 16384, 126 layers,
+# 128 heads, a 128256-token vocabulary, a feed-forward width of 53248), and far below what would exhaust
+# memory merely to list the model's tensors.
+LIMITS = {
+    "dim": (1, 65536), "n_layers": (1, 1024), "n_heads": (1, 1024), "n_kv_heads": (1, 1024),
+    "vocab_size": (1, 1 << 20), "multiple_of": (1, 1 << 18), "rope_original_max_seq_len": (1, 1 << 24),
+    "max_batch_size": (1, 1 << 20), "max_seq_len": (1, 1 << 22),
+}
+MAX_HIDDEN_DIM = 1 << 18
+
+
+def _check_positive_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a finite number above 0: fix the checkpoint's params.json or "
+                         "config.json")
+
 
 @dataclass
 class ModelArgs:
@@ -67,8 +85,17 @@ class ModelArgs:
         return args
 
     def validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            check_positive_int(name, getattr(self, name))
+        """Refuse values no real model has (before anything is sized by them): each size within
+        `LIMITS`, each float finite and positive, the heads dividing evenly."""
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if name == "vocab_size" and value == -1:  # Llama 1's params.json: the shards tell (MetaCheckpoint)
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                fix = ("pass a value in range" if name in ("max_batch_size", "max_seq_len")
+                       else "fix the checkpoint's params.json or config.json")
+                raise ValueError(f"{name}={value!r} must be an integer from {low} to {high} (the bounds on what a "
+                                 f"real LLaMA model has): {fix}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: fix params.json")
         if self.n_heads % self.n_kv_heads:
@@ -77,6 +104,21 @@ class ModelArgs:
             )
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE: fix dim or n_heads")
+        for name in ("rope_theta", "norm_eps", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            _check_positive_finite(name, getattr(self, name))
+        if self.ffn_dim_multiplier is not None:
+            _check_positive_finite("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        if self.norm_eps >= 1:
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be below 1 (real models use 1e-5 or 1e-6): "
+                             "fix params.json")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"use_scaled_rope={self.use_scaled_rope!r} must be true or false: fix params.json")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"rope_high_freq_factor={self.rope_high_freq_factor!r} must exceed rope_low_freq_factor="
+                             f"{self.rope_low_freq_factor!r} (Llama 3.1 uses 4 and 1): fix params.json")
+        if self.hidden_dim > MAX_HIDDEN_DIM:
+            raise ValueError(f"the feed-forward width {self.hidden_dim} (from dim, multiple_of and ffn_dim_multiplier) "
+                             f"exceeds {MAX_HIDDEN_DIM}: fix the checkpoint's params.json or config.json")
 
     @property
     def rope_scaling(self) -> Optional[dict]:

@@ -84,6 +84,19 @@ def torchrun(nproc: int, *args: str, timeout: float = 120, input: Optional[str] 
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=input)
 
 
+# The hardening probes' check: a fixed greedy request whose text must not change with any abuse of the server.
+PROBE = {"prompt": "The cat", "max_tokens": 12, "temperature": 0}
+
+
+def probe(url: str, headers: Optional[dict] = None) -> str:
+    """The text the server at `url` gives the probe request now."""
+    import httpx
+
+    r = httpx.post(url + "/v1/completions", json=PROBE, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 def run_python(*args: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
     require_slow(f"starts a process (python {' '.join(args[:1])})")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,

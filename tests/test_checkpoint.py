@@ -227,6 +227,23 @@ BAD = {  # how to break a copy of a 2-shard checkpoint, processes, the error
     "not weights only": (edit_shard(1, lambda sd: sd.update({"x": argparse.Namespace()})), 1,
                          "weights_only loading refused it (WeightsUnpickler error: Unsupported global: GLOBAL "
                          "argparse.Namespace was not an allowed global by default)"),
+    # Issue 18, item 5: 155 bytes of params.json once grew RSS past 7 GB listing a billion layers' names.
+    "n_layers 10**9": (edit_params(n_layers=10**9), 1, "params.json: n_layers=1000000000 must be an integer from 1 "
+                       "to 1024 (the bounds on what a real LLaMA model has)"),
+    "dim 10**7": (edit_params(dim=10**7), 1, "dim=10000000 must be an integer from 1 to 65536"),
+    "vocab_size 10**9": (edit_params(vocab_size=10**9), 1, "vocab_size=1000000000 must be an integer from 1 to"),
+    "n_layers vs shard": (edit_params(n_layers=1000), 1, "consolidated.00.pth holds 2 layers but params.json says "
+                          "n_layers=1000"),
+    "hidden dim": (edit_params(ffn_dim_multiplier=1e6), 1, "the feed-forward width 170000000 (from dim, multiple_of "
+                   "and ffn_dim_multiplier) exceeds 262144"),
+    # Issue 18, item 8: a NaN rope_theta made every request fail with a misleading overflow error.
+    "rope_theta NaN": (edit_params(rope_theta=float("nan")), 1, "rope_theta=nan must be a finite number above 0"),
+    "rope_theta inf": (edit_params(rope_theta=float("inf")), 1, "rope_theta=inf must be a finite number above 0"),
+    "rope_theta 0": (edit_params(rope_theta=0), 1, "rope_theta=0 must be a finite number above 0"),
+    "rope_theta < 0": (edit_params(rope_theta=-10000.0), 1, "rope_theta=-10000.0 must be a finite number above 0"),
+    "norm_eps NaN": (edit_params(norm_eps=float("nan")), 1, "norm_eps=nan must be a finite number above 0"),
+    "rope factors": (edit_params(use_scaled_rope=True, rope_low_freq_factor=4.0, rope_high_freq_factor=4.0), 1,
+                     "rope_high_freq_factor=4.0 must exceed rope_low_freq_factor=4.0"),
 }
 
 
@@ -238,6 +255,56 @@ def test_bad_checkpoint_is_refused_before_any_collective(tiny_ckpt2, tmp_path, c
         # One process cannot start a model-parallel group of mp > 1: check what each of its ranks would.
         build(path, mp=mp) if mp == 1 else open_checkpoint(path, mp)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_seq_len_and_max_batch_size_are_bounded(tiny_ckpt):
+    with pytest.raises(ValueError, match=r"max_seq_len=8388608 must be an integer from 1 to 4194304 \(the bounds on "
+                                         r"what a real LLaMA model has\): pass a value in range"):
+        Llama.build(str(tiny_ckpt), max_seq_len=1 << 23, max_batch_size=1)
+    with pytest.raises(ValueError, match="max_batch_size=2000000 must be an integer from 1 to 1048576"):
+        Llama.build(str(tiny_ckpt), max_seq_len=16, max_batch_size=2_000_000)
+
+
+def zero_stride_checkpoint(path, params):
+    """A checkpoint whose every tensor has the shape params.json implies but stores one element (zero strides):
+    a few kilobytes on disk that claim the whole model."""
+    path.mkdir()
+    (path / "params.json").write_text(json.dumps(params))
+    shapes = full_shapes(ModelArgs.from_params(params))
+    torch.save({name: torch.zeros(()).expand(shape) for name, shape in shapes.items()}, path / "consolidated.00.pth")
+    return path
+
+
+BIG = {"dim": 8192, "n_layers": 32, "n_heads": 64, "vocab_size": 32000, "multiple_of": 256, "norm_eps": 1e-5}
+
+
+def test_a_shard_of_zero_stride_tensors_is_refused_before_allocating(tmp_path):
+    """Issue 18, item 6: a 39 KB shard claiming 103 GiB once made every CLI allocate the whole model."""
+    path = zero_stride_checkpoint(tmp_path / "zero", BIG)
+    assert (path / "consolidated.00.pth").stat().st_size < 200_000
+    before = resident_bytes("VmRSS")
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: tok_embeddings.weight of shape \(32000, 8192\) "
+                       r"claims 1048576000 bytes but the file stores 4 for it \(repeated or missing elements\)"):
+        open_checkpoint(path)
+    assert resident_bytes("VmRSS") - before < 200 << 20
+
+
+def test_weights_that_do_not_fit_in_memory_are_refused_before_allocating(tiny_ckpt, monkeypatch):
+    """Issue 18, item 6: as the KV cache is checked against the memory left, so are the weights, first."""
+    monkeypatch.setattr("llama.loading.available_memory", lambda device: 100_000)
+    with pytest.raises(MemoryError, match=r"the weights of .*tiny1 need 0.00 GiB on cpu \(this rank's share, in "
+                       r"float32\) but only 0.00 GiB is free: use more model-parallel processes"):
+        build(tiny_ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", ["example.py", "chat.py", "serve.py"])
+def test_the_clis_refuse_a_zero_stride_shard_in_one_line(tmp_path, cli):
+    path = zero_stride_checkpoint(tmp_path / "zero", BIG)
+    extra = ["--nopage", "--port", "0"] if cli == "serve.py" else []
+    proc = run_python(cli, "--ckpt_dir", str(path), *extra, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "claims 1048576000 bytes" in proc.stderr
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tiny_ckpt, tmp_path):

@@ -146,6 +146,12 @@ BAD = {
     "truncated": (dict(file="model.safetensors", change=lambda p: p.write_bytes(p.read_bytes()[:-100])),
                   "model.safetensors could not be read"),
     "no weights": (dict(file="model.safetensors", change=lambda p: p.unlink()), "model.safetensors is missing"),
+    # Issue 18, items 5 and 8: sizes beyond any real model, and a RoPE base that is not a positive number.
+    "layers 10**9": (dict(config={"num_hidden_layers": 10**9}), "config.json: n_layers=1000000000 must be an integer "
+                     "from 1 to 1024"),
+    "rope_theta NaN": (dict(config={"rope_theta": float("nan")}), "config.json: rope_theta=nan must be a finite number "
+                       "above 0"),
+    "rope_theta 0": (dict(config={"rope_theta": 0}), "rope_theta=0 must be a finite number above 0"),
 }
 
 
@@ -164,6 +170,47 @@ def test_missing_file_of_a_sharded_folder(transformers_folder, tmp_path):
     gone.unlink()
     with pytest.raises(FileNotFoundError, match=f"{gone.name} is missing"):
         open_checkpoint(path)
+
+
+def with_index(src, dst, name):
+    """A copy of folder `src` whose index maps every tensor to the file `name`."""
+    path = edited(src, dst)
+    keys = list(load_shard_keys(path / "model.safetensors"))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, name)}))
+    return path
+
+
+def load_shard_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "{outside}", "sub/../../outside.safetensors"])
+def test_an_index_naming_a_file_outside_the_folder_is_refused(tiny_hf, tmp_path, name):
+    """Issue 18, item 7: a weight_map entry '../outside.safetensors' once loaded a file from outside the folder."""
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(tiny_hf / "model.safetensors", outside)
+    name = name.format(outside=outside)
+    path = with_index(tiny_hf, tmp_path / "folder", name)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json names the file .*outside.safetensors', "
+                                              "which is not inside .*folder: a checkpoint may only name files in its "
+                                              "own folder"):
+        open_checkpoint(path)
+
+
+def test_an_index_may_name_a_link_to_elsewhere(tiny_hf, tmp_path, tiny_llama):
+    """The Hugging Face cache's layout: a snapshot's files are symbolic links to blobs outside its folder."""
+    blob = tmp_path / "blobs" / "1234abcd"
+    blob.parent.mkdir()
+    shutil.copyfile(tiny_hf / "model.safetensors", blob)
+    path = with_index(tiny_hf, tmp_path / "snapshot", "model-00001-of-00001.safetensors")
+    (path / "model.safetensors").unlink()
+    (path / "model-00001-of-00001.safetensors").symlink_to(blob)
+    g = Llama.build(str(path), max_seq_len=32, max_batch_size=1)
+    assert g.text_completion(["The cat"], temperature=0, max_gen_len=6) == tiny_llama.text_completion(
+        ["The cat"], temperature=0, max_gen_len=6)
 
 
 def test_a_failed_conversion_leaves_no_folder(tiny_hf, tmp_path):

@@ -4,7 +4,10 @@ Answers are compared with a second Llama on the same weights that serves nothing
 request must get exactly what the library gives it alone.
 """
 import json
+import logging
 import re
+import select
+import socket
 import threading
 import time
 
@@ -14,8 +17,9 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
 
+from conftest import PROBE, probe  # noqa: E402
 from llama import Llama  # noqa: E402
-from llama.serve import ServeConfig  # noqa: E402
+from llama.serve import ServeConfig, Service, create_app  # noqa: E402
 from llama.serve.server import serve_in_thread  # noqa: E402
 
 MODEL, MAX_SEQ_LEN, BODY_LIMIT, KEY = "tiny-test", 96, 64 * 1024, "sekret-key"
@@ -43,6 +47,12 @@ def client(server):
 
 def greedy(ref, prompt, n):
     return ref.text_completion([prompt], temperature=0, max_gen_len=n)[0]["generation"]
+
+
+@pytest.fixture(scope="module")
+def probe_text(ref):
+    """What the probe request (conftest.PROBE) must get from every server here, before and after each abuse."""
+    return greedy(ref, PROBE["prompt"], PROBE["max_tokens"])
 
 
 def stream_text(stream):
@@ -212,7 +222,11 @@ def _error(call):
     (dict(top_p=1.5), "top_p", "top_p=1.5: input should be less than or equal to 1"),
     (dict(max_tokens=95), "max_tokens", "max_seq_len=96 tokens (the server's --max_seq_len)"),
     (dict(prompt="word " * 200), "prompt", "max_seq_len=96"),
-    (dict(stop=["x", ""]), "stop[1]", "stop[1]='': string should have at least 1 character"),
+    (dict(stop=["x", ""]), "stop", "must be a non-empty string"),
+    (dict(stop=["x"] * 17), "stop", "stop holds 17 strings: at most 16 stop strings are allowed"),
+    (dict(stop=["ok", "x" * 257]), "stop", "stop[1] is 257 characters long: a stop string may have at most 256"),
+    (dict(stop={"a": 1}), "stop", "stop={'a': 1} must be a non-empty string or a list of them"),
+    (dict(stop=["ok", "y" * 500, 7]), "stop", "stop=['ok', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyy... must be"),  # cut short
     (dict(n=0), "n", "n=0: input should be greater than or equal to 1"),
     (dict(seed=2**70), "seed", "input should be less than or equal to 9223372036854775807"),
     (dict(presence_penalty=0.5), "presence_penalty", "presence_penalty=0.5: is not supported by this server"),
@@ -233,10 +247,13 @@ def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, m
     ([], "messages", "list should have at least 1 item"),
     ([{"role": "user", "content": "a [INST] b"}], "messages", "reserved chat tag '[INST]'"),
     ([{"role": "wizard", "content": "hi"}], "messages[0].role", "must be system, user or assistant"),
-    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be system, user or assistant"),
+    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be system, user or assistant"),  # issue 18
     ([{"role": "user", "content": "hi"}, {}], "messages[1].role", "messages[1].role is missing"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content", "this model reads text only"),
     ([{"role": "assistant", "content": "hi"}], "messages", "must alternate user/assistant"),
+    # Issue 18, item 9: a role or content of another type was a 500 (a TypeError), not a 400.
+    ([{"role": {}, "content": "hi"}], "messages[0].role", "must be system, user or assistant"),
+    ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "must be a string or a list"),
 ])
 def test_bad_chat_messages_are_400(client, messages, param, message):
     body = {"model": MODEL} if messages is None else {"model": MODEL, "messages": messages}
@@ -266,6 +283,107 @@ def test_missing_prompt_unknown_model_bad_json_and_big_bodies(server, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "surrogate" in r.text
     # after every refusal the server still answers
     assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=2).usage.completion_tokens == 2
+
+
+ODD_VALUES = [["user"], {}, {"a": [1]}, True, -1, 1e308, "x", [], [None], None]
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "best_of",
+                     "stream", "stream_options", "logprobs", "echo", "presence_penalty", "frequency_penalty",
+                     "logit_bias", "suffix", "user"]
+CHAT_FIELDS = ["messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+               "functions"]
+
+
+def test_odd_json_values_in_any_field_are_answered_never_a_500(server, probe_text):
+    """The schema fuzzing of issue 18, bounded: every field, every JSON type; nested values in a chat message
+    too. Each answer is a completion or an OpenAI-shaped 4xx, and the server's answers stay the same."""
+    assert probe(server.url) == probe_text
+    base = {"completions": {"prompt": "The cat", "max_tokens": 1},
+            "chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}}
+    cases = [("completions", {field: v}) for field in COMPLETION_FIELDS for v in ODD_VALUES]
+    cases += [("chat/completions", {field: v}) for field in CHAT_FIELDS for v in ODD_VALUES]
+    cases += [("chat/completions", {"messages": [{"role": "user", key: v}]}) for key in ("role", "content")
+              for v in ODD_VALUES]
+    with httpx.Client(timeout=60) as http:
+        for route, fields in cases:
+            r = http.post(f"{server.url}/v1/{route}", json={**base[route], **fields})
+            assert r.status_code in (200, 400, 404), (route, fields, r.status_code, r.text)
+            if r.status_code != 200:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert probe(server.url) == probe_text
+
+
+def test_sixteen_long_stop_strings_leave_another_stream_unchanged(server, ref, probe_text):
+    """Issue 18, item 1: the most stop strings a request may have, each of the longest length, in 4 choices
+    streaming beside another user's stream: the stream gets its text, and the check costs the same per token
+    whatever the stops (tests/test_stream.py pins that)."""
+    assert probe(server.url) == probe_text
+    abusive = {"prompt": "The happy bird", "max_tokens": 60, "n": 4, "temperature": 1, "seed": 1, "stream": True,
+               "stop": ["zq" * 128] * 15 + ["The happy bird" + "x" * 242]}
+    other = {"prompt": "A dog ran to the park", "max_tokens": 40, "temperature": 0, "stream": True}
+    answers = {}
+
+    def stream(name, body):
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            answers[name] = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                                    if line.startswith("data: {"))
+
+    threads = [threading.Thread(target=stream, args=(name, body)) for name, body in (("abusive", abusive),
+                                                                                       ("other", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert answers["other"] == greedy(ref, other["prompt"], 40)
+    too_many = httpx.post(f"{server.url}/v1/completions", timeout=30, json={**abusive, "stop": ["y" * 90] * 600})
+    assert too_many.status_code == 400 and "at most 16 stop strings" in too_many.json()["error"]["message"]
+    assert len(too_many.text) < 1000  # the error does not echo the request
+    assert probe(server.url) == probe_text
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_a_499_without_a_traceback(server, probe_text, caplog):
+    """Issue 18, item 10: this was a logged traceback and a 500 in /metrics."""
+    def count(status):
+        return _samples(httpx.get(f"{server.url}/metrics").text).get(
+            ("llama_http_responses_total", frozenset({("path", "/v1/completions"), ("status", status)})), 0)
+
+    assert probe(server.url) == probe_text
+    before = {status: count(status) for status in ("499", "500")}
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": \"The ca")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while count("499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (count("499"), count("500")) == (before["499"] + 1, before["500"])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert probe(server.url) == probe_text
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/v1/nothing", 404, None),
+    ("POST", "/v1/engines/davinci/completions", 404, None),
+    ("GET", "/v1/completions", 405, "POST"),
+    ("DELETE", "/v1/chat/completions", 405, "POST"),
+    ("POST", "/v1/models", 405, "GET"),
+    ("POST", "/health", 405, "GET, HEAD"),
+    ("PUT", "/metrics", 405, "GET"),
+])
+def test_unknown_paths_and_wrong_methods_get_openai_errors(server, method, path, status, allow):
+    """Issue 18, item 12: these were {"detail": "Not Found"} (and, with the page, Gradio's 404 for every one)."""
+    check_unknown_route(server.url, method, path, status, allow)
+
+
+def check_unknown_route(url, method, path, status, allow, headers=None):
+    r = httpx.request(method, url + path, json={"prompt": "x"}, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == ("not_found" if status == 404 else "method_not_allowed")
+    assert f"{method} {path}" in error["message"]
+    if allow:
+        assert r.headers["allow"] == allow and f"use {allow.replace(', ', ' or ')}" in error["message"]
 
 
 def test_health_models_and_no_cors_by_default(server, client):
@@ -413,9 +531,10 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
 
 @pytest.fixture(scope="module")
 def locked(tiny_ckpt):
-    """A server with an API key and --cors."""
+    """A server with an API key and --cors; it lets clients fail many times before they wait (see `keyed`)."""
     g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
-    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False, api_key=KEY, cors=True)) as s:
+    config = ServeConfig(page=False, api_key=KEY, cors=True, max_auth_failures=1000)
+    with serve_in_thread(g, model_name=MODEL, config=config) as s:
         yield s
 
 
@@ -435,6 +554,114 @@ def test_the_api_key_guards_every_v1_route_and_metrics(locked):
     assert httpx.get(locked.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
+def test_unknown_paths_need_the_key_too(locked):
+    assert httpx.get(locked.url + "/v1/nothing").status_code == 401
+    check_unknown_route(locked.url, "GET", "/v1/nothing", 404, None, headers={"Authorization": f"Bearer {KEY}"})
+    check_unknown_route(locked.url, "POST", "/health", 405, "GET, HEAD")  # /health stays open
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_ckpt):
+    """A server with an API key and the default back-off for wrong keys."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False, api_key=KEY)) as s:
+        yield s
+
+
+def test_wrong_keys_are_throttled_per_client(keyed, probe_text):
+    """Issue 18, item 15: 300 wrong keys in 0.2 s were all answered. After 5 in a row, a client waits 1 s, then
+    2 s, 4 s, ... (at most 60 s) before each further try; a right key starts the count again."""
+    good = {"Authorization": f"Bearer {KEY}"}
+    assert probe(keyed.url, good) == probe_text
+    url = keyed.url + "/v1/models"
+    with httpx.Client(timeout=30) as http:
+        assert {http.get(url).status_code for _ in range(10)} == {401}  # no key at all: not a guess
+        answers = [http.get(url, headers={"Authorization": f"Bearer guess{i}"}) for i in range(40)]
+        assert [r.status_code for r in answers[:5]] == [401] * 5 and {r.status_code for r in answers[5:]} == {429}
+        refused = answers[-1]
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "too_many_failed_attempts"
+        assert "retry in 1 s" in refused.json()["error"]["message"]
+        assert http.get(url, headers=good).status_code == 429  # the right key waits too
+        time.sleep(1.1)
+        assert http.get(url, headers={"Authorization": "Bearer guess"}).status_code == 401
+        assert http.get(url, headers=good).status_code == 429  # the sixth wrong key: 2 s now
+        time.sleep(2.1)
+        assert http.get(url, headers=good).status_code == 200
+        assert http.get(url, headers={"Authorization": "Bearer guess"}).status_code == 401  # counted from 0 again
+    assert probe(keyed.url, good) == probe_text
+
+
+def test_a_key_http_cannot_carry_is_refused_at_start():
+    """Issue 18, item 14: a non-ASCII key worked only when sent as latin-1 bytes; the openai client cannot send it."""
+    service = Service(MODEL, MAX_SEQ_LEN)
+    for key in ("clé-secrète", "two words", "tab\there", "日本"):
+        with pytest.raises(ValueError, match=r"api_key holds a character that is not visible ASCII \(at position "
+                                             r"\d+\): a key must be letters, digits and punctuation"):
+            create_app(service, ServeConfig(page=False, api_key=key))
+    create_app(service, ServeConfig(page=False, api_key="Secr3t#~!"))
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_ckpt):
+    """A server with short deadlines for a request's head and body, and room for 4 connections."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    config = ServeConfig(page=False, header_timeout_s=0.5, body_timeout_s=0.5, max_connections=4)
+    with serve_in_thread(g, model_name=MODEL, config=config) as s:
+        yield s
+
+
+def connect(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def trickle(sock, head, byte=b"a", every=0.1, limit_s=10):
+    """Send `head`, then `byte` every `every` seconds until the server answers (or `limit_s` passes); all the
+    server sent before it closed the connection (b"" if it never answered)."""
+    sock.sendall(head)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and not select.select([sock], [], [], every)[0]:
+        try:
+            sock.sendall(byte)
+        except OSError:
+            break
+    return read_until_closed(sock) if select.select([sock], [], [], 0)[0] else b""
+
+
+def read_until_closed(sock):
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def test_slow_senders_are_cut_off_and_connections_bounded(guarded, probe_text):
+    """Issue 18, item 4: 500 connections trickling their headers for 60 s all stayed open."""
+    assert probe(guarded.url) == probe_text
+    with connect(guarded.url) as sock:  # a head that never ends
+        answer = trickle(sock, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in answer, answer
+    assert b"the request head took over 0.5 s to arrive" in answer
+    with connect(guarded.url) as sock:  # a body that never ends
+        answer = trickle(sock, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100000\r\n\r\n{\"prompt\": \"")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"the request body took over 0.5 s to arrive" in answer, answer
+    idle = [connect(guarded.url) for _ in range(4)]  # the limit, taken by connections that send nothing
+    try:
+        with connect(guarded.url) as sock:
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower(), answer
+        assert b"the server has 4 connections open, its limit" in answer
+        assert all(read_until_closed(s).startswith(b"HTTP/1.1 408 ") for s in idle)  # closed after 0.5 s
+    finally:
+        for s in idle:
+            s.close()
+    assert probe(guarded.url) == probe_text
+
+
 def test_cors_when_asked_for(locked):
     preflight = httpx.options(f"{locked.url}/v1/completions", headers={
         "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
@@ -450,24 +677,38 @@ def test_stories260k_over_http_tells_its_published_story(stories_ckpt):
     assert r.choices[0].text.startswith(", there was a little girl named Lily.")
 
 
-def test_if_the_engine_dies_the_stream_in_flight_gets_an_error_and_the_server_stops(tiny_ckpt):
+GLOO_ERROR = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: Connection reset"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_if_the_engine_dies_the_request_in_flight_gets_an_error_and_the_server_stops(tiny_ckpt, caplog, stream):
+    """A rank that dies breaks the engine's step with gloo's error. Issue 18, item 13: its text reached clients;
+    they get a plain message, and the log keeps the detail."""
     g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
     with serve_in_thread(g, model_name=MODEL, config=ServeConfig(page=False), stream_interval=0) as s:
         apply, steps = g.engine._apply, []
 
-        def breaking(results):  # a bug in the engine's step: its thread dies mid-stream
+        def breaking(results):  # the engine's thread dies mid-request
             steps.append(1)
             if len(steps) > 5:
-                raise RuntimeError("a bug in a step")
+                raise RuntimeError(GLOO_ERROR)
             apply(results)
 
         g.engine._apply = breaking
-        body = {"model": MODEL, "prompt": "The cat", "max_tokens": 80, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
-            events = [json.loads(line[6:]) for line in r.iter_lines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
-        assert "a bug in a step" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == "engine_error"
-        assert not any(c["finish_reason"] for e in events[:-1] for c in e["choices"])
+        body = {"model": MODEL, "prompt": "The cat", "max_tokens": 80, "temperature": 0, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            error = events[-1]["error"]
+            assert not any(c["finish_reason"] for e in events[:-1] for c in e["choices"])
+        else:
+            r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
+            assert r.status_code == 500
+            error = r.json()["error"]
+        assert error["message"] == "generation failed: a model worker stopped, and the server is going down"
+        assert error["code"] == "engine_error"
+        assert GLOO_ERROR in caplog.text  # the operator's log has it
         assert not s.service.ready and isinstance(s.service.failure, RuntimeError)
         deadline = time.monotonic() + 10
         while s._thread.is_alive() and time.monotonic() < deadline:  # the server goes down by itself

@@ -132,6 +132,17 @@ def test_bad_flags_are_one_line_errors(args, message):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
+def test_a_key_http_cannot_carry_is_refused_at_start():
+    """Issue 18, item 14: a non-ASCII key worked only for clients that sent it as latin-1 bytes."""
+    proc = run_python("serve.py", "--api_key", "clé-secrète", "--ckpt_dir", "/nonexistent", "--nopage", "--port", "0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --api_key holds a character that is not visible ASCII (at position 2): a key must be letters, "
+        "digits and punctuation without spaces, which every HTTP client can send in a header; choose another key")
+    assert "clé" not in proc.stderr  # a key is never printed
+
+
 @pytest.fixture(scope="module")
 def ref(tiny_ckpt) -> Llama:
     return Llama.build(str(tiny_ckpt), max_seq_len=256, max_batch_size=4, device="cpu")
@@ -199,6 +210,11 @@ def test_a_rank_that_dies_ends_the_job_and_the_request_gets_an_error(jobs, tmp_p
     errors = [c for c in chunks if isinstance(c, Exception) or (isinstance(c, dict) and "error" in c)]
     assert errors, chunks[-3:]  # the stream ended with an error, not a finish_reason
     assert not any(isinstance(c, dict) and c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks)
+    # Issue 18, item 13: gloo's own words (a pair.cc read error) reached the client; they stay in the log.
+    said = [c["error"]["message"] for c in chunks if isinstance(c, dict) and "error" in c]
+    assert all(m.startswith("generation failed: a model worker stopped") or "internal error" in m for m in said), said
+    assert not any("gloo" in m or ".cc" in m for m in said), said
+    assert "the engine stopped" in job.output()
 
 
 def test_load_test_smoke():

@@ -1,7 +1,9 @@
 """The Gradio page at `/`: its /complete and /chat functions through gradio_client, and the page itself in
 headless Chromium (selenium), on one server in a thread of this process."""
+import os
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -9,11 +11,13 @@ import pytest
 pytest.importorskip("gradio", reason="the page tests need the serve extra: pip install -e '.[serve]'")
 gradio_client = pytest.importorskip("gradio_client")
 
+from conftest import PROBE, probe  # noqa: E402
 from llama import Llama  # noqa: E402
-from llama.serve import ServeConfig  # noqa: E402
+from llama.serve import ServeConfig, page  # noqa: E402
 from llama.serve.server import serve_in_thread  # noqa: E402
 
 MAX_SEQ_LEN, KEY = 256, "page-key"
+SECRET = "zebra quartz pelican"  # a prompt that must not reach the log
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +79,7 @@ def test_chat_answers_with_the_system_prompt_turn_after_turn(server, ref):
 
 
 def test_chat_drops_the_oldest_exchanges_that_no_longer_fit(ref):
-    from llama.serve.page import _fit
-
+    _fit = page._fit
     words = "the cat sat on the mat " * 6
     dialog = [{"role": "system", "content": "Be brief."}]
     for i in range(6):
@@ -90,11 +93,129 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit(ref):
     assert start > 1 and len(ref.encode_dialog(dialog[:1] + dialog[start - 2:])) + 40 > MAX_SEQ_LEN
 
 
+def fit_by_dropping(g, dialog, max_tokens):
+    """The definition of `_fit`: drop the oldest exchange until the prompt leaves max_tokens free."""
+    head = dialog[:1] if dialog[0]["role"] == "system" else []
+    turns = dialog[len(head):]
+    while len(g.encode_dialog(head + turns)) + max_tokens > g.max_seq_len and len(turns) > 1:
+        turns = turns[2:]
+    return g.encode_dialog(head + turns)
+
+
+def conversation(n_exchanges, system=True, words=lambda i: "the cat sat " * (i % 7)):
+    dialog = [{"role": "system", "content": "Be brief."}] if system else []
+    for i in range(n_exchanges):
+        dialog += [{"role": "user", "content": f"{i} {words(i)}"}, {"role": "assistant", "content": words(i + 3)}]
+    return dialog + [{"role": "user", "content": "last"}]
+
+
+@pytest.mark.parametrize("n, system, max_tokens", [(0, True, 10), (1, False, 10), (3, True, 200), (9, True, 40),
+                                                   (30, False, 1), (30, True, 120), (200, True, 60)])
+def test_fit_keeps_what_dropping_one_exchange_at_a_time_keeps(ref, n, system, max_tokens):
+    dialog = conversation(n, system)
+    assert page._fit(ref, dialog, max_tokens) == fit_by_dropping(ref, dialog, max_tokens)
+
+
+def test_fitting_a_long_chat_encodes_only_its_newest_part(ref, monkeypatch):
+    """Issue 18, item 2: each dropped exchange re-encoded the whole conversation (62 s at 10,000 messages)."""
+    dialog = conversation(1000)
+    expected = fit_by_dropping(ref, dialog[:1] + dialog[-201:], 40)
+    encoded, encode = [0], ref.encode_dialog
+
+    def counting(d):
+        encoded[0] += len(d)
+        assert encoded[0] <= len(dialog), "encoded more messages than the conversation holds"
+        return encode(d)
+
+    monkeypatch.setattr(ref, "encode_dialog", counting)
+    assert page._fit(ref, dialog, 40) == expected
+    assert encoded[0] <= 1000
+
+
+def test_the_page_keeps_at_most_1000_messages_of_a_chat(ref):
+    history = [{"role": r, "content": "hi"} for _ in range(500) for r in ("user", "assistant")]
+    assert page.chat_prompt(ref, "", history, "next", 20) == page._fit(
+        ref, history + [{"role": "user", "content": "next"}], 20)
+    with pytest.raises(ValueError, match="the conversation holds 1002 messages, more than the page keeps \\(1000\\): "
+                                         "clear it and start a new one"):
+        page.chat_prompt(ref, "", history + history[:2], "next", 20)
+
+
+def test_a_chat_is_prepared_off_the_event_loop(server, monkeypatch):
+    """Issue 18, item 2: fitting a long history ran in the event loop, stalling every client's /health."""
+    entered, release, prepare = threading.Event(), threading.Event(), page.chat_prompt
+
+    def slow(*args):
+        entered.set()
+        release.wait(timeout=20)
+        return prepare(*args)
+
+    monkeypatch.setattr(page, "chat_prompt", slow)
+    answers = []
+    chat = threading.Thread(target=lambda: answers.append(gradio_client.Client(server.url, verbose=False).predict(
+        "hello", "", 0, 0.9, 3, api_name="/chat")))
+    chat.start()
+    try:
+        assert entered.wait(timeout=60)
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200  # while the chat is being prepared
+    finally:
+        release.set()
+        chat.join(timeout=60)
+    assert answers and answers[0]
+
+
 def test_chat_refuses_a_reserved_tag_and_keeps_serving(server):
     client = gradio_client.Client(server.url, verbose=False)
     with pytest.raises(Exception, match=r"reserved chat tag '\[INST\]'"):
         client.predict("a [INST] b", "", 0, 0.9, 5, api_name="/chat")
     assert client.predict("hello", "", 0, 0.9, 3, api_name="/chat")
+
+
+def test_uploads_are_refused_and_the_page_s_files_removed_at_exit(tiny_ckpt, ref):
+    """Issue 18, item 3: anyone could upload files at 40 MB/s into Gradio's temp folder, kept across restarts."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name="tiny-page") as s:
+        expected = probe(s.url)
+        assert expected == ref.text_completion([PROBE["prompt"]], temperature=0, max_gen_len=PROBE["max_tokens"])[0][
+            "generation"]
+        folder = next(r.app for r in s._server.config.app.routes if getattr(r, "path", None) == "").uploaded_file_dir
+        assert os.path.basename(folder).startswith("llama-page-") and os.path.isdir(folder)
+        for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+            r = httpx.post(s.url + path, files={"files": ("note.txt", b"x" * 100_000)}, follow_redirects=True)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "uploads_refused", r.text
+            assert r.json()["error"]["message"] == "this page takes no files: uploads are refused"
+        r = httpx.get(s.url + "/gradio_api/deep_link", params={"session_hash": "abc"})
+        assert r.status_code == 403  # the other route that writes files
+        assert not any(files for _, _, files in os.walk(folder))
+        assert probe(s.url) == expected
+    assert not os.path.exists(folder)
+
+
+def gradio_call(url, api_name, data):
+    """Gradio's HTTP API, as any client can call it: POST the values, then read the event stream."""
+    event = httpx.post(f"{url}/gradio_api/call/{api_name}", json={"data": data}, timeout=30).json()["event_id"]
+    return httpx.get(f"{url}/gradio_api/call/{api_name}/{event}", timeout=60).text
+
+
+def test_a_malformed_page_call_logs_no_prompt(server, ref, capfd, caplog):
+    """Issue 18, item 11: 2 of /complete's 5 values made Gradio print a traceback quoting the prompt."""
+    expected = probe(server.url)
+    short = gradio_call(server.url, "complete", [SECRET, 3])
+    assert "event: error" in short and "/complete takes 5 values and got 2: send all of them" in short
+    odd = gradio_call(server.url, "complete", [SECRET, 3, {"x": SECRET}, [SECRET], "many"])
+    assert "event: error" in odd
+    assert gradio_call(server.url, "complete", ["The cat", 3, 0.6, 0.9, 5]).count("event: complete") == 1
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err + caplog.text and "Traceback" not in out + err
+    assert probe(server.url) == expected
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                                  ("POST", "/health", 405)])
+def test_unknown_api_paths_are_not_the_page_s(server, method, path, status):
+    """Issue 18, item 12: with the page at `/`, Gradio answered every unknown path with {"detail": "Not Found"}."""
+    r = httpx.request(method, server.url + path, json={})
+    assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
 
 
 def chromium_and_driver():
@@ -158,3 +279,21 @@ def test_with_an_api_key_the_page_asks_for_it(tiny_ckpt, ref):
             gradio_client.Client(s.url, auth=("anyone", "wrong"), verbose=False)
         client = gradio_client.Client(s.url, auth=("anyone", KEY), verbose=False)
         assert client.predict("The cat", 3, api_name="/complete") == page_completion(ref, "The cat", 3)
+
+
+def test_wrong_page_logins_are_throttled(tiny_ckpt):
+    """Issue 18, item 15: wrong logins were never throttled. After 5 in a row a client waits 1 s, then 2 s, ..."""
+    g = Llama.build(str(tiny_ckpt), max_seq_len=MAX_SEQ_LEN, max_batch_size=2, device="cpu")
+    with serve_in_thread(g, model_name="tiny-page", config=ServeConfig(api_key=KEY)) as s, \
+            httpx.Client(timeout=30) as http:
+        def login(password):
+            return http.post(s.url + "/login", data={"username": "me", "password": password})
+
+        answers = [login(f"guess{i}") for i in range(20)]
+        assert [r.status_code for r in answers[:5]] == [400] * 5 and {r.status_code for r in answers[5:]} == {429}
+        assert answers[-1].headers["retry-after"] == "1" and "too many wrong API keys or logins" in answers[-1].text
+        assert login(KEY).status_code == 429
+        key = {"Authorization": f"Bearer {KEY}"}
+        assert http.get(s.url + "/v1/models", headers=key).status_code == 429  # keys and logins count together
+        time.sleep(1.1)
+        assert login(KEY).status_code == 200 and login("guess").status_code == 400

@@ -1,4 +1,6 @@
 """Streaming: pieces join up to the final text exactly, never splitting a character."""
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -6,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import llama.runner
 from conftest import ASSETS, run_main, run_python, torchrun
 from llama.commands import generate
-from llama.text import TextStream, decode_continuation
+from llama.text import TextStream, check_stop, decode_continuation
 from llama.tokenizer import Tokenizer, load_tokenizer
 from test_tokenizer import write_tiny_tiktoken
 
@@ -70,6 +72,88 @@ def test_any_token_sequence_streams_to_its_decoded_text(tiny_ckpt, tokens, conte
     tok = tiny_tokenizer(tiny_ckpt)
     pieces, final = stream_tokens(tok, [tok.bos_id] + context, tokens)
     assert "".join(pieces) == final == decode_continuation(tok, [tok.bos_id] + context, tokens)
+
+
+class PieceTokenizer:
+    """A tokenizer whose tokens are the given strings (ids index them): stop-string tests choose the text exactly."""
+
+    def __init__(self, pieces=None):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] if self.pieces else chr(i) for i in ids)
+
+
+def reference_cut(text, stops):
+    """Where the text ends: before the stop string that appears first, as str.find sees the whole text."""
+    starts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(starts)] if starts else text
+
+
+@settings(deadline=None)
+@given(st.text("abc", max_size=30), st.lists(st.text("abc", min_size=1, max_size=5), min_size=1, max_size=6),
+       st.integers(1, 4))
+def test_stop_strings_cut_where_the_first_one_appears(text, stops, chunk):
+    """Overlapping stop strings on a 3-letter alphabet, the text arriving `chunk` characters at a time (a token
+    of several characters): the text ends before the earliest stop string, and nothing after it is released."""
+    pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
+    s = TextStream(PieceTokenizer(pieces), [], stops)
+    released, end = "", len(text)
+    for i in range(len(pieces)):
+        s.push(i)
+        released += s.pop()
+        if s.stopped:
+            end = (i + 1) * chunk
+            break
+        # what is held back is exactly the longest tail that begins a stop string
+        held = next((k for k in range(len(s.text), 0, -1) if any(x.startswith(s.text[-k:]) for x in stops)), 0)
+        assert released == s.text[: len(s.text) - held]
+    s.finish()
+    released += s.pop()
+    assert released == s.text == reference_cut(text[:end], stops)
+
+
+def test_stop_strings_are_bounded_in_number_and_length():
+    """Issue 18, item 1: 10,000 stop strings of 90 characters once slowed every other stream for minutes."""
+    assert check_stop(["a"] * 16) == ["a"] * 16 and check_stop("x" * 256) == ["x" * 256]
+    with pytest.raises(ValueError, match="stop holds 17 strings: at most 16 stop strings"):
+        check_stop(["a"] * 17)
+    with pytest.raises(ValueError, match=r"stop\[1\] is 257 characters long: a stop string may have at most 256"):
+        check_stop(["ok", "x" * 257])
+    with pytest.raises(ValueError, match="stop holds 10000 strings") as info:
+        check_stop(["y" * 90] * 10_000)
+    assert len(str(info.value)) < 200  # the error does not echo the request back
+
+
+def calls_per_token(stops, text):
+    """Python and C function calls made by pushing `text` one character a token and polling after each."""
+    s = TextStream(PieceTokenizer(), [], stops)
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        for ch in text:
+            s.push(ord(ch))
+            s.ready()
+            s.pop()
+    finally:
+        sys.setprofile(None)
+    assert not s.stopped
+    return calls / len(text)
+
+
+def test_the_stop_check_costs_the_same_for_1_or_16_stop_strings():
+    """Issue 18, item 1: the check per token (and per poll) must not grow with the number of stop strings. Each
+    stop string has the longest length allowed and shares a short tail with the text at every step, the worst
+    case for a scan of the text's tail; one automaton reads each character once, whatever the stop strings."""
+    text = "ab" * 300
+    one = calls_per_token(["a" * 255 + "c"], text)
+    sixteen = calls_per_token(["a" * 255 + chr(ord("c") + i) for i in range(16)], text)
+    assert sixteen <= one * 1.1, (one, sixteen)
 
 
 def test_stream_equals_text_completion(tiny_llama):

@@ -34,6 +34,7 @@ def main(
     max_batch_size: int = 16,
     max_queue: int = 256,
     max_body_bytes: int = 1 << 20,
+    max_connections: int = 1000,
     stream_interval: float = 0.02,
     cors: bool = False,
     page: bool = True,
@@ -68,6 +69,7 @@ def main(
         max_batch_size: requests running at once, sharing each step.
         max_queue: requests that may wait for a slot; beyond that a request gets 429.
         max_body_bytes: the largest request body accepted (413 beyond).
+        max_connections: open connections at most; beyond them a new one gets 503 and is closed.
         stream_interval: seconds between a stream's chunks, at least (0: a chunk per step).
         cors: allow every web origin to call the API (browsers then let any page use it; use an --api_key).
         page: serve the web page at / (--nopage: the API alone).
@@ -88,10 +90,12 @@ def main(
         prefix_cache: reuse the keys and values of a prompt's start that an earlier request shared (a chat's
             history, a system prompt); --noprefix_cache turns it off.
     """
+    from llama.errors import check_positive_int
     from llama.loading import checkpoint_context, resolve_max_seq_len
 
     api_key = os.environ.get("LLAMA_API_KEY") if api_key is None else api_key
     check_server_flags(host, port, max_queue, max_body_bytes, stream_interval, api_key)
+    check_positive_int("max_connections", max_connections)
     name = model_name if model_name is not None else Path(ckpt_dir).name if ckpt_dir else DEMO_NAME
     # Known before the model loads: the page and /v1/models are up while it does.
     if max_seq_len is None:
@@ -119,7 +123,8 @@ def main(
 
     sock = bind(host, port)  # before loading: a busy port fails at once
     service = Service(name, max_seq_len, max_queue, stream_interval)
-    config = ServeConfig(api_key=api_key, cors=cors, max_body_bytes=max_body_bytes, page=page)
+    config = ServeConfig(api_key=api_key, cors=cors, max_body_bytes=max_body_bytes, page=page,
+                         max_connections=max_connections)
     serve_rank0(build, service, config, sock)
 
 
@@ -134,8 +139,9 @@ def check_server_flags(host: str, port: int, max_queue: int, max_body_bytes: int
     check_positive_int("max_body_bytes", max_body_bytes)
     if not 0 <= stream_interval <= 1:
         raise ValueError(f"stream_interval={stream_interval!r} must be seconds from 0 to 1 (0: a chunk per step)")
-    if api_key is not None and not api_key.strip():
-        raise ValueError("api_key is empty: pass a non-empty key, or none to serve without one")
+    from llama.serve.app import check_api_key
+
+    check_api_key(api_key)  # e.g. empty, or not ASCII (which HTTP clients cannot send)
     if not host:
         raise ValueError("host is empty: pass e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llama.generation import Completion, Delta, Llama
 from llama.serve import params
-from llama.serve.errors import APIError, invalid
+from llama.serve.errors import APIError, failure_message, invalid
 from llama.serve.params import Sampling
 from llama.serve.service import Service
 from llama.serve.watch import Change, Watch
@@ -116,9 +116,7 @@ def finish_reason(reason: str) -> str:
 
 def _engine_error(watch: Watch, index: int) -> APIError:
     """The 500 of a completion that failed, or that the engine left open when it died."""
-    error = watch.error(index)
-    detail = "" if error is None else f": {type(error).__name__}: {error}"
-    return APIError(500, f"generation failed{detail}", code="engine_error")
+    return APIError(500, failure_message(watch.error(index), watch.failure is not None), code="engine_error")
 
 
 class _Answer:

@@ -30,3 +30,14 @@ _TYPES = {401: "authentication_error", 404: "invalid_request_error", 413: "inval
 def invalid(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     """A 400 for a field the request got wrong; the message says what to send instead."""
     return APIError(400, message, param=param, code=code)
+
+
+def failure_message(error: Optional[BaseException], engine_stopped: bool = False) -> str:
+    """What a client reads of a generation that failed. A request's own error (a ValueError such as NaN
+    logits) says what went wrong with it; anything else (a model-parallel rank that died, a bug) is
+    internal, and only the server's log has the detail (llama.engine and llama.serve.service log it)."""
+    if engine_stopped:
+        return "generation failed: a model worker stopped, and the server is going down"
+    if isinstance(error, ValueError):
+        return f"generation failed: {type(error).__name__}: {error}"
+    return "generation failed: an internal error stopped it (the server's log has the details)"

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Dict, List, Optional, Tuple, Type, TypeVar, U
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llama.serve.errors import APIError, invalid
+from llama.text import check_stop
 
 MAX_CHOICES = 16  # n per request: each choice is a request of its own in the engine
 
@@ -77,8 +78,8 @@ class _Request(_Body):
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _one_stop(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+    def _stops(cls, v: Any) -> Any:
+        return None if v is None else check_stop(v)  # bounded in number and length (llama.text)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -229,6 +230,8 @@ def _api_error(error: dict, body: dict) -> APIError:
     if error["type"] == "missing":
         return invalid(f"{param} is missing", param)
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and message.startswith(str(param)):  # it names the field and value itself
+        return invalid(message, param)
     if error["type"] != "value_error":  # pydantic's words for a type or a range: "Input should be ..."
         message = message[:1].lower() + message[1:]
     value = error.get("input")

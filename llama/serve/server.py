@@ -4,19 +4,28 @@ server in a background thread for Python programs and tests.
 A stop (SIGINT, SIGTERM, or `RunningServer.stop`) first shuts the engine down, so that the open
 streams end at once, each with a finish_reason, and the other ranks return; uvicorn then closes
 the connections, waiting at most `GRACE_S` for the last ones.
+
+Slow senders cannot hold connections: a request's head must arrive within `header_timeout_s` and its
+body within `body_timeout_s` of the head (else 408, and the connection closes), and beyond
+`max_connections` open connections a new one gets a 503 and is closed (`GuardedH11`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
+from http import HTTPStatus
 from typing import Callable, Optional
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llama.generation import Llama
 from llama.serve.app import ServeConfig, create_app
+from llama.serve.errors import APIError
 from llama.serve.service import STREAM_INTERVAL_S, Service
 
 log = logging.getLogger(__name__)
@@ -64,17 +73,104 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app, log_level: str = "info") -> uvicorn.Config:
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the limits uvicorn lacks: a deadline for each request's head and
+    one for its body (none for the response: a stream may run long), and a bound on open connections.
+    Subclasses set the three limits (`guarded`)."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._timer, self._waiting_for = None, None
+        if len(self.connections) > self.max_connections:
+            log.info("refused a connection: %d are open, the limit is %d", len(self.connections) - 1,
+                     self.max_connections)
+            self._refuse(APIError(503, f"the server has {self.max_connections} connections open, its limit: retry "
+                                  "shortly", code="too_many_connections", type="server_error",
+                                  headers={"Retry-After": "1"}))
+            return
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._cancel()  # the connection is the websocket protocol's from now on
+        super().handle_websocket_upgrade(event)
+
+    def _watch(self) -> None:
+        """Arm the deadline of what the connection waits for from the client: a head, or the rest of a body."""
+        if self.transport.is_closing():
+            return self._cancel()
+        state = self.conn.their_state
+        waiting_for = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        if waiting_for == self._waiting_for:
+            return
+        self._cancel()
+        if waiting_for is not None:
+            delay = self.header_timeout_s if waiting_for == "head" else self.body_timeout_s
+            self._timer, self._waiting_for = self.loop.call_later(delay, self._expired, waiting_for), waiting_for
+
+    def _cancel(self) -> None:
+        if getattr(self, "_timer", None) is not None:
+            self._timer.cancel()
+        self._timer, self._waiting_for = None, None
+
+    def _expired(self, what: str) -> None:
+        self._timer, self._waiting_for = None, None
+        if self.transport.is_closing():
+            return
+        limit = self.header_timeout_s if what == "head" else self.body_timeout_s
+        log.info("closed a connection whose request %s took over %g s to arrive", what, limit)
+        if what == "body":
+            if self.cycle.response_started:  # the app answers already: no second response
+                self.transport.close()
+                return
+            self.cycle.disconnected = True  # the app, waiting for the body, reads a disconnect and answers nothing
+            self.cycle.message_event.set()
+        self._refuse(APIError(408, f"the request {what} took over {limit:g} s to arrive: send it at once",
+                              code="request_timeout"))
+
+    def _refuse(self, error: APIError) -> None:
+        """Answer `error` outside the request cycle (none has started, or it was ended) and close."""
+        body = json.dumps(error.body()).encode()
+        head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "content-type: application/json",
+                f"content-length: {len(body)}", "connection: close",
+                *(f"{k}: {v}" for k, v in (error.headers or {}).items())]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self.transport.close()
+
+
+def guarded(config: ServeConfig) -> type:
+    """GuardedH11 with `config`'s limits."""
+    return type("GuardedH11", (GuardedH11,), {"header_timeout_s": config.header_timeout_s,
+                                              "body_timeout_s": config.body_timeout_s,
+                                              "max_connections": config.max_connections})
+
+
+def uvicorn_config(app, config: ServeConfig, log_level: str = "info") -> uvicorn.Config:
     # log_config=None: uvicorn's loggers go to the process's own logging setup (rank 0: INFO). Its access
     # log names the method, path and status of each request, never a body.
     return uvicorn.Config(app, log_config=None, log_level=log_level, timeout_graceful_shutdown=GRACE_S,
-                          lifespan="on")
+                          lifespan="on", http=guarded(config))
 
 
 def serve_rank0(build: Callable[[], Llama], service: Service, config: ServeConfig, sock: socket.socket) -> None:
     """Answer on `sock` at once (503 while loading), load the model with `build` in a thread, serve until
     a signal. Raises what `build` raised; SystemExit(1) if the engine failed (e.g. a rank died)."""
-    server = Server(uvicorn_config(create_app(service, config)), service)
+    server = Server(uvicorn_config(create_app(service, config), config), service)
     loaded = threading.Event()
     errors = []
 
@@ -136,7 +232,8 @@ def serve_in_thread(g: Llama, host: str = "127.0.0.1", port: int = 0, config: Op
                     timeout: float = 60.0) -> RunningServer:
     """Serve `g` (model-parallel size 1) from a background thread, once it answers. No signal handlers."""
     service = Service(model_name, g.max_seq_len, max_queue, stream_interval)
-    server = Server(uvicorn_config(create_app(service, config or ServeConfig()), log_level="warning"), service)
+    config = config or ServeConfig()
+    server = Server(uvicorn_config(create_app(service, config), config, log_level="warning"), service)
     sock = bind(host, port)
     service.start(g)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llama-http", daemon=True)

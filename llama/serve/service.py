@@ -95,8 +95,7 @@ class Service:
     def admit(self) -> Llama:
         """The model, if it takes requests now; else the 503 that says why not."""
         if self.failure is not None:
-            raise APIError(503, f"the engine stopped after an error ({type(self.failure).__name__}): the server "
-                           "is going down", code="engine_failed")
+            raise APIError(503, "a model worker stopped: the server is going down", code="engine_failed")
         if self.stopping:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.llama is None:
