@@ -55,7 +55,7 @@ class Llama:
     def build(
         ckpt_dir: str,
         tokenizer_path: Optional[str] = None,
-        max_seq_len: int = 512,
+        max_seq_len: Optional[int] = None,
         max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
@@ -79,20 +79,22 @@ class Llama:
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
 
-        At most `max_batch_size` requests run at once, each up to `max_seq_len` tokens; more wait. Their
-        keys and values live in a paged KV cache of `kv_cache_tokens` positions, all requests together
-        (default max_batch_size x max_seq_len, or what fits in memory), where a request takes blocks
-        as it grows; when it runs out, the newest request is preempted and recomputed later. With
+        At most `max_batch_size` requests run at once, each up to `max_seq_len` tokens; more wait.
+        `max_seq_len` defaults to the checkpoint's own context (params.json's `max_seq_len`, a Hugging Face
+        config's `max_position_embeddings`), or to llama.loading.DEFAULT_MAX_SEQ_LEN (2048) when it states
+        none. The requests' keys and values live in a paged KV cache of `kv_cache_tokens` positions, all
+        of them together (default max_batch_size x max_seq_len, or what fits in memory), where a request takes
+        blocks as it grows; when it runs out, the newest request is preempted and recomputed later. With
         `prefix_cache`, a prompt that starts like an earlier one (a chat's history, a shared system
         prompt) reuses that prefix's keys and values. A step prefills at most `prefill_chunk` prompt
-        tokens. `lora` is a PEFT
-        LoRA adapter folder merged into the weights as they load (llama.lora). `chat_format` ('llama2',
-        'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
+        tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora).
+        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
         stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
         in-features; layers none divides stay int8; see llama.quantize).
         """
-        check_positive_int("max_seq_len", max_seq_len)
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("prefill_chunk", prefill_chunk)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -461,10 +463,10 @@ class Llama:
             raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
         if len(tokens) > self.max_seq_len:
             raise ValueError(f"{what} has {len(tokens)} tokens, more than max_seq_len={self.max_seq_len}: "
-                             "shorten it or build with a larger max_seq_len")
+                             "shorten it or raise max_seq_len")
         if len(tokens) > limit:
             raise ValueError(f"{what} has {len(tokens)} tokens, which leaves no room for a new one in "
-                             f"max_seq_len={self.max_seq_len}: shorten it or build with a larger max_seq_len")
+                             f"max_seq_len={self.max_seq_len}: shorten it or raise max_seq_len")
         vocab = self.model.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
             raise ValueError(f"{what} holds token ids outside [0, {vocab})")
@@ -474,7 +476,7 @@ class Llama:
             raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
         if len(prompt_tokens) > self.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}: "
-                             "pass fewer prompts per call or build with a larger max_batch_size")
+                             "pass fewer prompts per call or raise max_batch_size")
         for i, p in enumerate(prompt_tokens):
             self._check_tokens(f"prompt {i}", p, self.max_seq_len - 1)
 

@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import fire
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -498,8 +497,6 @@ def _hf_command(hf_dir: str, port: int, levels: List[int], max_seq_len: int, dty
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from llama import cli
+
+    sys.exit(cli.run(main, more_errors=(RuntimeError,)))

@@ -27,15 +27,13 @@ from llama.serve.params import Sampling
 from llama.serve.service import Service
 from llama.serve.watch import Change, Watch
 
-_UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
 CLIENT_GONE = 499  # the status counted for a whole answer whose client left first (nobody reads it)
 _DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 
 
 async def completions(service: Service, request: Request, body: dict) -> Response:
-    sampling = params.sampling(body, chat=False)
-    params.refuse_unsupported(body, {**_UNSUPPORTED, "suffix": ""})
-    texts = params.prompts(body)
+    req = params.parse(params.CompletionRequest, body)
+    sampling, texts = req.sampling(), req.prompt
     g = service.admit()
     try:
         prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
@@ -52,12 +50,8 @@ async def completions(service: Service, request: Request, body: dict) -> Respons
 
 
 async def chat_completions(service: Service, request: Request, body: dict) -> Response:
-    sampling = params.sampling(body, chat=True)
-    params.refuse_unsupported(body, {**_UNSUPPORTED, "tools": [], "functions": []})
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
-    dialog = params.messages(body)
+    req = params.parse(params.ChatRequest, body)
+    sampling, dialog = req.sampling(), req.dialog()
     g = service.admit()
     try:
         prompt = g.encode_dialog(dialog)
@@ -77,14 +71,16 @@ def _max_new(g: Llama, prompt_len: int, max_tokens: Optional[int], what: str) ->
     """max_tokens, or all the room left; 400 when the prompt and max_tokens overflow max_seq_len."""
     limit = g.max_seq_len
     if prompt_len >= limit:
-        raise invalid(f"the {what} is {prompt_len} tokens long: this model's context is max_seq_len={limit} tokens, "
-                      "with room for at least one new token; shorten it", what, code="context_length_exceeded")
+        raise invalid(f"the {what} is {prompt_len} tokens long: this model's context is max_seq_len={limit} tokens "
+                      "(the server's --max_seq_len), with room for at least one new token; shorten it", what,
+                      code="context_length_exceeded")
     if max_tokens is None:
         return limit - prompt_len
     if prompt_len + max_tokens > limit:
         raise invalid(f"the {what} is {prompt_len} tokens long and max_tokens={max_tokens}: together more than this "
-                      f"model's context of max_seq_len={limit} tokens; ask for at most {limit - prompt_len} tokens "
-                      f"or shorten the {what}", "max_tokens", code="context_length_exceeded")
+                      f"model's context of max_seq_len={limit} tokens (the server's --max_seq_len); ask for at most "
+                      f"{limit - prompt_len} tokens or shorten the {what}", "max_tokens",
+                      code="context_length_exceeded")
     return max_tokens
 
 

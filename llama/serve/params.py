@@ -1,26 +1,35 @@
-"""The fields of an OpenAI completions or chat request, checked one by one.
+"""The bodies of OpenAI's completions and chat completions requests, as pydantic models.
 
-Each check names the field (the error's `param`) and what it accepts, so a client learns what to fix
-from the 400 alone. Fields OpenAI defines that change what the model computes and that this server
-cannot honour (penalties, logit_bias, suffix, tools, ...) are refused rather than ignored; fields
-that change nothing here (`user`, `service_tier`, ...) are ignored.
+Each field is declared once: its type, range and default. A body that does not validate is OpenAI's 400,
+whose `param` is the path of the first field at fault (`temperature`, `messages[0].role`) and whose message
+says what the field got and what it takes. Fields OpenAI defines that would change the output and that this
+server cannot honour (penalties, logit_bias, suffix, tools, ...) are refused rather than ignored; fields that
+change nothing here (`user`, `service_tier`, ...) are ignored. A new field is one line in `_Request` (both
+endpoints) or in one of the two models, and one in `Sampling` when the engine needs it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
-from llama.serve.errors import invalid
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llama.serve.errors import APIError, invalid
 from llama.text import check_stop
 
 MAX_CHOICES = 16  # n per request: each choice is a request of its own in the engine
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+StrictInt = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a JSON number (not a bool, not a string)
+Switch = Annotated[bool, Field(strict=True)]
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+Text = Annotated[str, Field(strict=True)]
 
 
 @dataclass
 class Sampling:
-    """The fields both endpoints share. max_tokens None: up to the end of max_seq_len (chat's default)."""
+    """What the engine needs of a request, from either endpoint (or the page). max_tokens None: up to the end of
+    max_seq_len (chat's default)."""
 
     max_tokens: Optional[int]
     temperature: float
@@ -35,127 +44,196 @@ class Sampling:
     echo: bool = False
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+class StreamOptions(_Body):
+    include_usage: Switch = False
 
 
-def integer(body: dict, name: str, default: Optional[int], minimum: int,
-            maximum: Optional[int] = None) -> Optional[int]:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
-        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        raise invalid(f"{name}={v!r} must be an integer {bound}", name)
-    return v
+def _unsupported(value: Any, neutral: Any) -> Any:
+    """A field this server cannot honour: refused unless absent or at its neutral value."""
+    if value is not None and value != neutral and not (isinstance(neutral, (list, dict)) and not value):
+        raise ValueError("is not supported by this server: leave it out")
+    return value
 
 
-def number(body: dict, name: str, default: float) -> float:
-    """A finite number, as sent (an int stays an int, so errors quote it as the client wrote it)."""
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_number(v):
-        raise invalid(f"{name}={v!r} must be a number", name)
-    return v
+class _Request(_Body):
+    """The fields both endpoints share, with OpenAI's defaults (temperature 1, top_p 1, n 1)."""
+
+    model: Optional[Any] = None  # checked against the served name before validation (a 404, not a 400)
+    temperature: Number = Field(1.0, ge=0, description="0 is greedy")
+    top_p: Number = Field(1.0, gt=0, le=1, description="1 disables nucleus sampling")
+    top_k: StrictInt = Field(0, ge=0, description="an extension: keep the k most likely tokens; 0 keeps all")
+    seed: Optional[Seed] = None
+    stop: Optional[List[Annotated[Text, Field(min_length=1)]]] = None
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    best_of: Optional[StrictInt] = Field(None, ge=1)
+    stream: Switch = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[Any] = None
+    frequency_penalty: Optional[Any] = None
+    logit_bias: Optional[Any] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        return None if v is None else check_stop(v)  # bounded in number and length (llama.text)
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, v: Any) -> Any:
+        return _unsupported(v, 0)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Any) -> Any:
+        return _unsupported(v, {})
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> "_Request":
+        if self.best_of is not None and self.best_of != self.n:
+            raise _at("best_of", f"best_of={self.best_of} is not supported: leave it out or make it equal n")
+        return self
+
+    def _sampling(self, max_tokens: Optional[int], logprobs: bool, echo: bool = False) -> Sampling:
+        return Sampling(max_tokens=max_tokens, temperature=float(self.temperature), top_p=float(self.top_p),
+                        top_k=self.top_k, seed=self.seed, stop=list(self.stop or []), n=self.n, stream=self.stream,
+                        include_usage=bool(self.stream_options and self.stream_options.include_usage),
+                        logprobs=logprobs, echo=echo)
 
 
-def boolean(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise invalid(f"{name}={v!r} must be true or false", name)
-    return v
+class CompletionRequest(_Request):
+    """`POST /v1/completions`."""
+
+    prompt: List[Text] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(16, ge=0)
+    echo: Switch = False
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)
+    suffix: Optional[Any] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(t, int) or isinstance(t, list) for t in v):
+            raise ValueError("must be a string or a non-empty list of strings (token arrays are not accepted)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: Any) -> Any:
+        return _unsupported(v, "")
+
+    def sampling(self) -> Sampling:
+        return self._sampling(16 if self.max_tokens is None else self.max_tokens, self.logprobs is not None,
+                              self.echo)
 
 
-def stop_strings(body: dict) -> List[str]:
-    """`stop`: a string or a list of them, bounded in number and length (llama.text.check_stop)."""
-    v = body.get("stop")
+class Message(_Body):
+    """A chat message: system (or developer), user or assistant; content a string or a list of text parts."""
+
+    role: str
+    content: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, v: Any) -> str:
+        roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+        if not isinstance(v, str) or v not in roles:
+            raise ValueError("must be system, user or assistant (or developer, read as system)")
+        return roles[v]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in v):
+            return "".join(p["text"] for p in v)
+        raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts (this model reads text '
+                         "only)")
+
+
+class ChatRequest(_Request):
+    """`POST /v1/chat/completions`. Without max_tokens (or max_completion_tokens) an answer may run to the end of
+    the context, as OpenAI's does."""
+
+    messages: List[Message] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=0)
+    logprobs: Switch = False
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
+    response_format: Optional[Any] = None
+    tools: Optional[Any] = None
+    functions: Optional[Any] = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v is not None and v != {"type": "text"}:
+            raise ValueError('only {"type": "text"} is supported')
+        return v
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: Any) -> Any:
+        return _unsupported(v, [])
+
+    def dialog(self) -> List[Dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def sampling(self) -> Sampling:
+        max_tokens = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        return self._sampling(max_tokens, self.logprobs)
+
+
+R = TypeVar("R", bound=_Request)
+
+
+def parse(model: Type[R], body: dict) -> R:
+    """`body` as `model`, or the 400 that names the first field at fault."""
     try:
-        return check_stop(v)
-    except ValueError as e:
-        raise invalid(str(e), "stop") from None
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _api_error(e.errors()[0], body) from None
 
 
-def refuse_unsupported(body: dict, fields: Dict[str, Any]) -> None:
-    """400 for each field in `fields` that is present with a value other than its neutral one."""
-    for name, neutral in fields.items():
-        v = body.get(name)
-        if v is not None and v != neutral and not (isinstance(neutral, (list, dict)) and not v):
-            raise invalid(f"{name} is not supported by this server: leave it out", name)
+class _FieldError(ValueError):
+    """A check across fields, reported at one of them."""
+
+    def __init__(self, loc: Tuple[Union[str, int], ...], message: str):
+        super().__init__(message)
+        self.loc = loc
 
 
-def sampling(body: dict, *, chat: bool) -> Sampling:
-    """The sampling fields, with OpenAI's defaults (temperature 1, top_p 1; completions: 16 tokens)."""
-    temperature = number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise invalid(f"temperature={temperature!r} must be >= 0 (0 is greedy)", "temperature")
-    top_p = number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise invalid(f"top_p={top_p!r} must be in (0, 1]; 1 disables nucleus sampling", "top_p")
-    if chat:
-        max_tokens = integer(body, "max_completion_tokens", None, 0)
-        max_tokens = integer(body, "max_tokens", max_tokens, 0)
-        logprobs = boolean(body, "logprobs")
-        integer(body, "top_logprobs", 0, 0, 20)
-        echo = False
-    else:
-        max_tokens = integer(body, "max_tokens", 16, 0)
-        logprobs = integer(body, "logprobs", None, 0, 5) is not None
-        echo = boolean(body, "echo")
-    n = integer(body, "n", 1, 1, MAX_CHOICES)
-    best_of = integer(body, "best_of", n, 1)
-    if best_of != n:
-        raise invalid(f"best_of={best_of} is not supported: leave it out or make it equal n", "best_of")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
-    return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                    top_k=integer(body, "top_k", 0, 0), seed=integer(body, "seed", None, -(2**63), 2**63 - 1),
-                    stop=stop_strings(body), n=n,
-                    stream=boolean(body, "stream"), include_usage=boolean(options or {}, "include_usage"),
-                    logprobs=logprobs, echo=echo)
+def _at(field: str, message: str) -> _FieldError:
+    return _FieldError((field,), message)
 
 
-def prompts(body: dict) -> List[str]:
-    """`prompt`: a string or a non-empty list of strings."""
-    v = body.get("prompt")
-    if v is None:
-        raise invalid("prompt is missing: send a string or a list of strings", "prompt")
-    texts = [v] if isinstance(v, str) else v
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise invalid("prompt must be a string or a non-empty list of strings (token arrays are not accepted)",
-                      "prompt")
-    return texts
+def param_of(loc: Tuple[Union[str, int], ...]) -> Optional[str]:
+    """A pydantic error location as OpenAI's `param`: ("messages", 0, "role") is "messages[0].role"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
 
 
-def messages(body: dict) -> List[Dict[str, str]]:
-    """`messages` as a dialog: {role, content} with system (or developer), user and assistant roles;
-    content a string or a list of text parts."""
-    v = body.get("messages")
-    if v is None:
-        raise invalid("messages is missing: send a list of {\"role\", \"content\"} objects", "messages")
-    if not isinstance(v, list) or not v:
-        raise invalid("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-    dialog = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
-            raise invalid(f"messages[{i}] must be an object whose role is system, user or assistant",
-                          f"messages[{i}].role")
-        dialog.append({"role": _ROLES[m["role"]], "content": _content(m.get("content"), i)})
-    return dialog
-
-
-def _content(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise invalid(f"messages[{i}].content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} "
-                  "parts (this model reads text only)", f"messages[{i}].content")
+def _api_error(error: dict, body: dict) -> APIError:
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):
+        return invalid(str(cause), param_of(cause.loc))
+    param = param_of(tuple(error["loc"]))
+    if error["type"] == "missing":
+        return invalid(f"{param} is missing", param)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and message.startswith(str(param)):  # it names the field and value itself
+        return invalid(message, param)
+    if error["type"] != "value_error":  # pydantic's words for a type or a range: "Input should be ..."
+        message = message[:1].lower() + message[1:]
+    value = error.get("input")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return invalid(f"{param}={shown}: {message}", param)

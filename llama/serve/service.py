@@ -40,7 +40,7 @@ class Service:
         self.created = int(time.time())
         self.llama: Optional[Llama] = None  # None while loading, and until its engine serves
         self._loaded: Optional[Llama] = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name)
         self.failure: Optional[BaseException] = None  # why the engine stopped on its own
         self.stopping = False
         self.on_failure: List[Callable[[], None]] = []  # e.g. ending the HTTP server
@@ -64,6 +64,7 @@ class Service:
         while not serving.wait(timeout=0.1):
             if self.failure is not None or self.stopping:
                 return
+        self.metrics.engine = llama.engine
         self.llama = llama
 
     def _serve(self, llama: Llama, on_ready) -> None:
