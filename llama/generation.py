@@ -5,6 +5,7 @@ them; calls from several threads share the engine's steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -264,9 +265,10 @@ class Llama:
         """The text `tokens` add after `context` (see llama.text.decode_continuation)."""
         return decode_continuation(self.tokenizer, context, tokens)
 
-    def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The chat prompt tokens for `dialog` in `self.chat_format`."""
-        return encode_dialog(self.tokenizer, dialog, self.chat_format)
+    def encode_dialog(self, dialog: Dialog, tools: Optional[List[dict]] = None) -> List[int]:
+        """The chat prompt tokens for `dialog` in `self.chat_format`, with `tools` the assistant may call
+        (OpenAI's definitions; Llama 3.1's format, llama.chat_format)."""
+        return encode_dialog(self.tokenizer, dialog, self.chat_format, tools)
 
     # Scoring.
 
@@ -330,13 +332,15 @@ class Llama:
         decode_after: Optional[List[int]] = None,
         max_waiting: Optional[int] = None,
         on_change: Optional[Callable[[], None]] = None,
+        params: Optional[SamplingParams] = None,
         **sampling,
     ) -> "Completion":
         """Queue one prompt and return at once: a `Completion` to iterate for its output as it comes, or
         to wait for. What a server calls from its request threads; under model parallelism only rank 0
         submits, while serve_forever runs.
 
-        The arguments are those of `generate`. The text is decoded after `decode_after` (default: the
+        The arguments are those of `generate`; `params`, a SamplingParams, replaces every sampling argument
+        (`temperature` ... `**sampling`) but the seed and `max_gen_len`. The text is decoded after `decode_after` (default: the
         prompt; a chat answer passes []). With `max_waiting`, a prompt that would make more than that
         many requests wait for a slot raises llama.engine.QueueFull instead. `on_change`, if given, is
         called whenever the request gets tokens or ends, from the engine's thread with its lock held: it
@@ -346,7 +350,7 @@ class Llama:
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
                                stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True,
-                               on_change=on_change, sampling=sampling)
+                               on_change=on_change, sampling=sampling, params=params)
         return Completion(self, requests[0])
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -371,11 +375,12 @@ class Llama:
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
                max_waiting: Optional[int] = None, follow: bool = False,
-               on_change: Optional[Callable[[], None]] = None, sampling: Optional[dict] = None) -> List[Request]:
+               on_change: Optional[Callable[[], None]] = None, sampling: Optional[dict] = None,
+               params: Optional[SamplingParams] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None. `sampling`: more SamplingParams fields (penalties, ...)."""
-        sampling = dict(sampling or {})
+        sampling, given = dict(sampling or {}), params
 
         def check() -> Tuple[SamplingParams, int]:
             if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
@@ -384,9 +389,12 @@ class Llama:
             if unknown:
                 raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}: the others are "
                                 f"{', '.join(sorted(MORE_SAMPLING))}")
-            params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
-                                    stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=logprobs and echo, **sampling)
+            if given is not None:  # one SamplingParams for everything; only its max_tokens and seed are per call
+                params = dataclasses.replace(given, max_tokens=max_gen_len, seed=seed)
+            else:
+                params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
+                                        stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
+                                        prompt_logprobs=logprobs and echo, **sampling)
             self._check_prompts(prompt_tokens)
             vocab = self.model.vocab_size
             if not all(t < vocab for t in params.stop_token_ids):
@@ -399,7 +407,7 @@ class Llama:
             return params, self._draw_seed() if seed is None else seed
 
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed,
-                sorted(sampling.items(), key=lambda kv: kv[0]))
+                sorted(sampling.items(), key=lambda kv: kv[0]), given)
         params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
         if params.stop:
             stop_matcher(params.stop)  # built here, not under the engine's lock, where the requests' streams find it
@@ -569,12 +577,14 @@ class Stream:
 
 
 class Delta(NamedTuple):
-    """What a completion added since the last one: text, and the tokens (with their log-probabilities when
-    asked for) that made it. Text lags its tokens where a character or a possible stop string is unfinished."""
+    """What a completion added since the last one: text, and the tokens (with their log-probabilities and
+    alternatives when asked for) that made it. Text lags its tokens where a character or a possible stop
+    string is unfinished."""
 
     text: str
     tokens: List[int]
     logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[List[Tuple[int, float]]]] = []
 
 
 class _Notifying(threading.Condition):
@@ -647,9 +657,9 @@ class Completion:
         r = self.request
         with self._llama.engine.lock:
             text, tokens = r.stream.pop(), r.tokens[self._sent :]
-            logprobs = r.token_logprobs[self._sent :]
+            logprobs, tops = r.token_logprobs[self._sent :], r.token_top_logprobs[self._sent :]
             self._sent = len(r.tokens)
-        return Delta(text, tokens, logprobs) if text or tokens else None
+        return Delta(text, tokens, logprobs, tops) if text or tokens else None
 
     def __iter__(self) -> Iterator[Delta]:
         r = self.request

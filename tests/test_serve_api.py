@@ -229,9 +229,9 @@ def _error(call):
     (dict(stop=["ok", "y" * 500, 7]), "stop", "stop=['ok', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyy... must be"),  # cut short
     (dict(n=0), "n", "n=0: input should be greater than or equal to 1"),
     (dict(seed=2**70), "seed", "input should be less than or equal to 9223372036854775807"),
-    (dict(presence_penalty=0.5), "presence_penalty", "presence_penalty=0.5: is not supported by this server"),
+    (dict(presence_penalty=2.5), "presence_penalty", "presence_penalty=2.5: input should be less than or equal to 2"),
     (dict(best_of=3), "best_of", "best_of=3 is not supported: leave it out or make it equal n"),
-    (dict(prompt=[1, 2, 3]), "prompt", "token arrays are not accepted"),
+    (dict(prompt=[[1, 2], []]), "prompt", "holds an empty list of token ids: each prompt needs at least one token"),
     (dict(prompt=["a", 7]), "prompt[1]", "prompt[1]=7: input should be a valid string"),
     (dict(stream="yes"), "stream", "stream='yes': input should be a valid boolean"),
     (dict(stream_options={"include_usage": 1}), "stream_options.include_usage", "input should be a valid boolean"),
@@ -246,13 +246,13 @@ def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, m
     (None, "messages", "messages is missing"),
     ([], "messages", "list should have at least 1 item"),
     ([{"role": "user", "content": "a [INST] b"}], "messages", "reserved chat tag '[INST]'"),
-    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "must be system, user or assistant"),
-    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be system, user or assistant"),  # issue 18
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),
+    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),  # issue 18
     ([{"role": "user", "content": "hi"}, {}], "messages[1].role", "messages[1].role is missing"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content", "this model reads text only"),
     ([{"role": "assistant", "content": "hi"}], "messages", "must alternate user/assistant"),
     # Issue 18, item 9: a role or content of another type was a 500 (a TypeError), not a 400.
-    ([{"role": {}, "content": "hi"}], "messages[0].role", "must be system, user or assistant"),
+    ([{"role": {}, "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),
     ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "must be a string or a list"),
 ])
 def test_bad_chat_messages_are_400(client, messages, param, message):

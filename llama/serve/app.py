@@ -103,6 +103,20 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
         return await _answer(service, request, guard, "body",
                              lambda body: api.chat_completions(service, request, body))
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await _answer(service, request, guard, "body", lambda body: api.tokenize(service, body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await _answer(service, request, guard, "body", lambda body: api.detokenize(service, body))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        async def info(body):
+            return api.tokenizer_info(service)
+        return await _answer(service, request, guard, None, info)
+
     async def unknown(request: Request) -> Response:
         """Paths under /v1 that no route serves, and methods a route does not take: OpenAI's 404 and 405."""
         async def refuse(body):
