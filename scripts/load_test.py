@@ -388,8 +388,9 @@ def _capacity(ckpt_dir: str, env: dict, scratch: Path, dtype: Optional[str], row
             return results
 
         results = asyncio.run(burst())
-        words = " ".join(random.Random(3).choice(_WORDS) for _ in range(long))
-        one = asyncio.run(_stream(host, port, "/v1/completions", {"prompt": words, "max_tokens": 16}))
+        rng = random.Random(3)  # token ids: exactly `long` of them, whatever the tokenizer
+        ids = [1] + [rng.randrange(3, 256) for _ in range(long - 1)]
+        one = asyncio.run(_stream(host, port, "/v1/completions", {"prompt": ids, "max_tokens": 16}))
         used = one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
         return {"rows": rows, "max_seq_len": max_seq_len, "kv_cache_tokens": kv_cache_tokens,
                 "requests": len(results), "completion_tokens": sum(r["tokens"] or 0 for r in results),
@@ -474,7 +475,7 @@ def _cache_checks(cmd: List[str], ckpt_dir: str, env: dict, scratch: Path, dtype
             out["shared_prefix"] = _shared_prefix(servers["ours"].url, ckpt_dir, shared_prefix, system_words, 16)
     if capacity:
         out["capacity"] = _capacity(ckpt_dir, env, scratch, dtype, rows=64, max_seq_len=2048, kv_cache_tokens=16384,
-                                    tokens=100, long=1500)
+                                    tokens=100, long=1984)
     return out
 
 

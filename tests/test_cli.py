@@ -113,6 +113,9 @@ def test_errors_name_flags_not_python_arguments():
     (["--device", "cuda:7"], "--device='cuda:7' is not available"),
     (["--model_parallel_size", "2"], "--model_parallel_size=2 does not divide the 1 process(es)"),
     (["--dtype", "fp8"], "--dtype='fp8' is not one of"),
+    (["--repetition_penalty", "0"], "--repetition_penalty=0 must be a number > 0"),
+    (["--presence_penalty", "3"], "--presence_penalty=3 must be a number in [-2.0, 2.0]"),
+    (["--min_p", "2"], "--min_p=2 must be a number in [0.0, 1.0]"),
 ])
 def test_bad_input_is_one_line_naming_the_flag_and_status_1(tiny_ckpt, argv, message, capsys):
     assert cli.run(generate.main, ["--ckpt_dir", str(tiny_ckpt), *argv], prog="llama-generate") == 1

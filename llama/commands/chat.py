@@ -48,6 +48,10 @@ def main(
     temperature: float = 0.6,
     top_p: float = 0.9,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     max_gen_len: int = 256,
     seed: int = 1,
     max_seq_len: Optional[int] = None,
@@ -75,6 +79,11 @@ def main(
         temperature: sampling temperature; 0 is greedy.
         top_p: nucleus sampling: keep the most likely tokens whose probabilities add up to this.
         top_k: keep only the k most likely tokens before top_p; 0 keeps all.
+        min_p: drop the tokens less likely than min_p times the most likely one; 0 keeps all.
+        repetition_penalty: divide (multiply, if negative) the logit of every token already in the prompt or the
+            answer by this; 1 is none, 1.1 to 1.3 curbs a model that loops.
+        presence_penalty: subtract this from the logit of every token already in the answer (-2 to 2).
+        frequency_penalty: subtract this times its count from each token's logit in the answer (-2 to 2).
         max_gen_len: new tokens per answer, at most.
         seed: the seed of the sampling.
         max_seq_len: the conversation plus the answer, in tokens; default: the checkpoint's own context
@@ -132,7 +141,9 @@ def main(
                      f"--max_seq_len={generator.max_seq_len}")
         answer: List[str] = []
         for pieces in generator.stream_chat([dialog], temperature=temperature, top_p=top_p, top_k=top_k,
-                                            max_gen_len=max_gen_len):
+                                            max_gen_len=max_gen_len, min_p=min_p,
+                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                            frequency_penalty=frequency_penalty):
             cli.say(pieces[0], end="", flush=True)
             answer.append(pieces[0])
         cli.say()

@@ -19,6 +19,10 @@ def main(
     temperature: float = 0.6,
     top_p: float = 0.9,
     top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     stop: Union[str, List[str], None] = None,
     max_gen_len: int = 64,
     stream: bool = False,
@@ -48,6 +52,11 @@ def main(
         temperature: sampling temperature; 0 is greedy.
         top_p: nucleus sampling: keep the most likely tokens whose probabilities add up to this.
         top_k: keep only the k most likely tokens before top_p; 0 keeps all.
+        min_p: drop the tokens less likely than min_p times the most likely one; 0 keeps all.
+        repetition_penalty: divide (multiply, if negative) the logit of every token already in the prompt or the
+            answer by this; 1 is none, 1.1 to 1.3 curbs a model that loops.
+        presence_penalty: subtract this from the logit of every token already in the answer (-2 to 2).
+        frequency_penalty: subtract this times its count from each token's logit in the answer (-2 to 2).
         stop: a stop string, or a JSON list of them ('["\\n", "THE END"]'): the text ends before the first.
         max_gen_len: new tokens per prompt, at most (fewer where the prompt leaves less room in max_seq_len).
         stream: print the text as it is generated, one prompt after another.
@@ -82,7 +91,9 @@ def main(
     lengths = [len(generator.tokenizer.encode(p, bos=True, eos=False)) for p in prompts]
     if max(lengths) < generator.max_seq_len:  # else generate refuses the prompt, naming it
         cli.gen_len_note(lengths, max_gen_len, generator.max_seq_len, context)
-    sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop)
+    sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k, stop=stop, min_p=min_p,
+                    repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty)
     if stream:  # one prompt at a time, so each prints as it is written
         for prompt in prompts:
             cli.say(prompt, end="", flush=True)
