@@ -96,7 +96,7 @@ def setup_model_parallel(model_parallel_size: int, device: torch.device) -> Tupl
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         # Ours to close. A group left open at exit lets gloo's and nccl's threads meet the interpreter's
         # teardown, which now and then aborts the process ("terminate called without an active exception").
-        atexit.register(_destroy_group)
+        atexit.register(end_process_group)
     if not fs_init.model_parallel_is_initialized():
         # fairscale prints its group sizes on every rank; keep non-zero ranks (and stdout) quiet.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -115,7 +115,8 @@ def model_parallel() -> Tuple[int, int]:
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
 
 
-def _destroy_group() -> None:
+def end_process_group() -> None:
+    """Close fairscale's groups and the process group, if set up (a later Llama.build sets them up again)."""
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():

@@ -455,6 +455,7 @@ class Engine:
         events = []
         for r in [r for r in self._requests.values() if r.cancelled]:
             self.scheduler.finish(r.id, "cancelled")
+            self._end(r, "cancelled")  # at once: a caller that sees its slot free sees the request counted too
             events.append(Event(r.id, finish_reason="cancelled"))
         return events
 

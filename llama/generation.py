@@ -5,6 +5,7 @@ them; calls from several threads share the engine's steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ class Llama:
     def build(
         ckpt_dir: str,
         tokenizer_path: Optional[str] = None,
-        max_seq_len: int = 512,
+        max_seq_len: Optional[int] = None,
         max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
@@ -83,22 +84,24 @@ class Llama:
         files, which hosts may see differently, right after, and every rank agrees on the outcome
         before loading, so a bad input fails on every rank alike.
 
-        At most `max_batch_size` requests run at once, each up to `max_seq_len` tokens; more wait. Their
-        keys and values live in a paged KV cache of `kv_cache_tokens` positions, all requests together
-        (default max_batch_size x max_seq_len, or what fits in memory), where a request takes blocks
-        as it grows; when it runs out, the newest request is preempted and recomputed later. With
+        At most `max_batch_size` requests run at once, each up to `max_seq_len` tokens; more wait.
+        `max_seq_len` defaults to the checkpoint's own context (params.json's `max_seq_len`, a Hugging Face
+        config's `max_position_embeddings`), or to llama.loading.DEFAULT_MAX_SEQ_LEN (2048) when it states
+        none. The requests' keys and values live in a paged KV cache of `kv_cache_tokens` positions, all
+        of them together (default max_batch_size x max_seq_len, or what fits in memory), where a request takes
+        blocks as it grows; when it runs out, the newest request is preempted and recomputed later. With
         `prefix_cache`, a prompt that starts like an earlier one (a chat's history, a shared system
         prompt) reuses that prefix's keys and values. A step prefills at most `prefill_chunk` prompt
-        tokens. `lora` is a PEFT
-        LoRA adapter folder merged into the weights as they load (llama.lora); `adapters` ({name: folder})
-        are PEFT LoRA adapters loaded unmerged, each request choosing one by name (see `load_adapter`).
-        `chat_format` ('llama2',
-        'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
+        tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora);
+        `adapters` ({name: folder}) are PEFT LoRA adapters loaded unmerged, each request choosing one by name
+        (see `load_adapter`).
+        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
         stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
         in-features; layers none divides stay int8; see llama.quantize).
         """
-        check_positive_int("max_seq_len", max_seq_len)
+        if max_seq_len is not None:
+            check_positive_int("max_seq_len", max_seq_len)
         check_positive_int("max_batch_size", max_batch_size)
         check_positive_int("prefill_chunk", prefill_chunk)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -118,7 +121,8 @@ class Llama:
                 raise TypeError(f"adapters must be a dict of names to PEFT adapter folders, not "
                                 f"{type(adapters).__name__}")
             for name, path in adapters.items():
-                check_name(name), check_folder(path)
+                check_name(name)
+                check_folder(path)
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
                                       compile=compile, quantize=quantize, lora=lora, group_size=group_size,
                                       kv_cache_tokens=kv_cache_tokens)
@@ -333,9 +337,10 @@ class Llama:
         """The text `tokens` add after `context` (see llama.text.decode_continuation)."""
         return decode_continuation(self.tokenizer, context, tokens)
 
-    def encode_dialog(self, dialog: Dialog) -> List[int]:
-        """The chat prompt tokens for `dialog` in `self.chat_format`."""
-        return encode_dialog(self.tokenizer, dialog, self.chat_format)
+    def encode_dialog(self, dialog: Dialog, tools: Optional[List[dict]] = None) -> List[int]:
+        """The chat prompt tokens for `dialog` in `self.chat_format`, with `tools` the assistant may call
+        (OpenAI's definitions; Llama 3.1's format, llama.chat_format)."""
+        return encode_dialog(self.tokenizer, dialog, self.chat_format, tools)
 
     # Scoring.
 
@@ -405,6 +410,7 @@ class Llama:
         decode_after: Optional[List[int]] = None,
         max_waiting: Optional[int] = None,
         on_change: Optional[Callable[[], None]] = None,
+        params: Optional[SamplingParams] = None,
         adapter: Optional[str] = None,
         **sampling,
     ) -> "Completion":
@@ -412,7 +418,8 @@ class Llama:
         to wait for. What a server calls from its request threads; under model parallelism only rank 0
         submits, while serve_forever runs.
 
-        The arguments are those of `generate`. The text is decoded after `decode_after` (default: the
+        The arguments are those of `generate`; `params`, a SamplingParams, replaces every sampling argument
+        (`temperature` ... `**sampling`) but the seed and `max_gen_len`. The text is decoded after `decode_after` (default: the
         prompt; a chat answer passes []). With `max_waiting`, a prompt that would make more than that
         many requests wait for a slot raises llama.engine.QueueFull instead. `on_change`, if given, is
         called whenever the request gets tokens or ends, from the engine's thread with its lock held: it
@@ -422,7 +429,7 @@ class Llama:
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
                                stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True,
-                               on_change=on_change, adapter=adapter, sampling=sampling)
+                               on_change=on_change, sampling=sampling, params=params, adapter=adapter)
         return Completion(self, requests[0])
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -447,12 +454,12 @@ class Llama:
                temperature: float, top_p: float, top_k: int, stop: Stop, stop_tokens: Optional[Collection[int]],
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
                max_waiting: Optional[int] = None, follow: bool = False,
-               on_change: Optional[Callable[[], None]] = None, adapter: Optional[str] = None,
-               sampling: Optional[dict] = None) -> List[Request]:
+               on_change: Optional[Callable[[], None]] = None, sampling: Optional[dict] = None,
+               params: Optional[SamplingParams] = None, adapter: Optional[str] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None. `sampling`: more SamplingParams fields (penalties, ...)."""
-        sampling = dict(sampling or {})
+        sampling, given = dict(sampling or {}), params
 
         def check() -> Tuple[SamplingParams, int]:
             if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
@@ -461,9 +468,12 @@ class Llama:
             if unknown:
                 raise TypeError(f"unknown sampling argument(s) {', '.join(unknown)}: the others are "
                                 f"{', '.join(sorted(MORE_SAMPLING))}")
-            params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
-                                    stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=logprobs and echo, **sampling)
+            if given is not None:  # one SamplingParams for everything; only its max_tokens and seed are per call
+                params = dataclasses.replace(given, max_tokens=max_gen_len, seed=seed)
+            else:
+                params = SamplingParams(temperature, top_p, top_k, max_tokens=max_gen_len, stop=stop,
+                                        stop_token_ids=stop_tokens or (), seed=seed, logprobs=logprobs,
+                                        prompt_logprobs=logprobs and echo, **sampling)
             self._check_prompts(prompt_tokens)
             vocab = self.model.vocab_size
             if not all(t < vocab for t in params.stop_token_ids):
@@ -477,7 +487,7 @@ class Llama:
             return params, self._draw_seed() if seed is None else seed
 
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed,
-                sorted(sampling.items(), key=lambda kv: kv[0]), adapter)
+                sorted(sampling.items(), key=lambda kv: kv[0]), given, adapter)
         params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
         if params.stop:
             stop_matcher(params.stop)  # built here, not under the engine's lock, where the requests' streams find it
@@ -542,10 +552,10 @@ class Llama:
             raise ValueError(f"{what} is empty: every prompt needs at least one token (e.g. BOS)")
         if len(tokens) > self.max_seq_len:
             raise ValueError(f"{what} has {len(tokens)} tokens, more than max_seq_len={self.max_seq_len}: "
-                             "shorten it or build with a larger max_seq_len")
+                             "shorten it or raise max_seq_len")
         if len(tokens) > limit:
             raise ValueError(f"{what} has {len(tokens)} tokens, which leaves no room for a new one in "
-                             f"max_seq_len={self.max_seq_len}: shorten it or build with a larger max_seq_len")
+                             f"max_seq_len={self.max_seq_len}: shorten it or raise max_seq_len")
         vocab = self.model.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
             raise ValueError(f"{what} holds token ids outside [0, {vocab})")
@@ -555,7 +565,7 @@ class Llama:
             raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
         if len(prompt_tokens) > self.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}: "
-                             "pass fewer prompts per call or build with a larger max_batch_size")
+                             "pass fewer prompts per call or raise max_batch_size")
         for i, p in enumerate(prompt_tokens):
             self._check_tokens(f"prompt {i}", p, self.max_seq_len - 1)
 
@@ -648,12 +658,14 @@ class Stream:
 
 
 class Delta(NamedTuple):
-    """What a completion added since the last one: text, and the tokens (with their log-probabilities when
-    asked for) that made it. Text lags its tokens where a character or a possible stop string is unfinished."""
+    """What a completion added since the last one: text, and the tokens (with their log-probabilities and
+    alternatives when asked for) that made it. Text lags its tokens where a character or a possible stop
+    string is unfinished."""
 
     text: str
     tokens: List[int]
     logprobs: List[Optional[float]]
+    top_logprobs: List[Optional[List[Tuple[int, float]]]] = []
 
 
 class _Notifying(threading.Condition):
@@ -726,9 +738,9 @@ class Completion:
         r = self.request
         with self._llama.engine.lock:
             text, tokens = r.stream.pop(), r.tokens[self._sent :]
-            logprobs = r.token_logprobs[self._sent :]
+            logprobs, tops = r.token_logprobs[self._sent :], r.token_top_logprobs[self._sent :]
             self._sent = len(r.tokens)
-        return Delta(text, tokens, logprobs) if text or tokens else None
+        return Delta(text, tokens, logprobs, tops) if text or tokens else None
 
     def __iter__(self) -> Iterator[Delta]:
         r = self.request

@@ -112,6 +112,7 @@ def config_to_params(config: dict, path: Path) -> dict:
             "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
             **ffn_params(dim, config["intermediate_size"]),
             **(_llama3_rope_params(rope) if rope_type == "llama3" else {}),
+            **({"max_seq_len": config["max_position_embeddings"]} if config.get("max_position_embeddings") else {}),
         }
     except KeyError as e:
         raise CheckpointError(f"{path} lacks {e}: it is not a complete Llama config.json") from None

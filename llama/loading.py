@@ -24,6 +24,8 @@ from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_SEQ_LEN = 2048  # the context of a checkpoint that states none (Llama 1's; every Llama has at least that)
+
 
 def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[MetaCheckpoint, HFCheckpoint]:
     """Validate a Meta or Hugging Face checkpoint folder for `world_size` model-parallel ranks."""
@@ -42,13 +44,41 @@ def open_checkpoint(ckpt_dir: str | os.PathLike, world_size: int = 1) -> Union[M
                           "a checkpoint folder")
 
 
+def checkpoint_context(ckpt_dir: str | os.PathLike) -> Optional[int]:
+    """The context a checkpoint folder states, in tokens: params.json's `max_seq_len` (convert_llama2c.py writes
+    it from the llama2.c header), or config.json's `max_position_embeddings`; None when it states none or the
+    folder cannot be read (loading it will say why)."""
+    from llama.checkpoint import read_json
 
-def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int, mp_size: int,
-               device: torch.device, dtype: torch.dtype, compile: bool = False,
+    folder = Path(ckpt_dir)
+    for name, key in (("params.json", "max_seq_len"), ("config.json", "max_position_embeddings")):
+        if (folder / name).is_file():
+            try:
+                value = read_json(folder / name).get(key)
+            except (CheckpointError, OSError):
+                return None
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return None
+
+
+def resolve_max_seq_len(max_seq_len: Optional[int], context: Optional[int]) -> int:
+    """`max_seq_len` as given, else the checkpoint's context, else DEFAULT_MAX_SEQ_LEN; a warning when it is given
+    beyond the checkpoint's context (the model never saw such positions: its text degrades past them)."""
+    if max_seq_len is None:
+        return context or DEFAULT_MAX_SEQ_LEN
+    if context is not None and max_seq_len > context:
+        log.warning("max_seq_len=%d is beyond the %d tokens this checkpoint was trained with: text past them degrades",
+                    max_seq_len, context)
+    return max_seq_len
+
+
+def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Optional[int], max_batch_size: int,
+               mp_size: int, device: torch.device, dtype: torch.dtype, compile: bool = False,
                quantize: Optional[str] = None, lora: Optional[str] = None,
                group_size: Optional[int] = None, kv_cache_tokens: Optional[int] = None
                ) -> Tuple[Transformer, AnyTokenizer]:
-    """This rank's model, loaded and ready to decode, and the tokenizer.
+    """This rank's model, loaded and ready to decode, and the tokenizer. `max_seq_len` None: the checkpoint's own
+    context (resolve_max_seq_len).
 
     Files, which hosts may see differently, are checked first, and every rank agrees on the outcome
     before loading, so a bad input fails on every rank alike. The model is built without memory for
@@ -66,7 +96,8 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     def open_files():  # hosts may see different files: agree before the heavy work
         ckpt = open_checkpoint(ckpt_dir, mp_size)
         tokenizer = load_tokenizer(tokenizer_path)
-        args = dataclasses.replace(ckpt.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        seq_len = resolve_max_seq_len(max_seq_len, checkpoint_context(ckpt_dir))
+        args = dataclasses.replace(ckpt.args, max_seq_len=seq_len, max_batch_size=max_batch_size)
         args.validate()  # max_seq_len and max_batch_size within bounds too
         if tokenizer.n_words > args.vocab_size:
             raise CheckpointError(
@@ -100,7 +131,7 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     if quantize is not None:
         quantize_model_(model, layout)
     pack_int4_(model)
-    model.setup_cache(num_blocks, BLOCK_SIZE, max_seq_len, device, dtype)
+    model.setup_cache(num_blocks, BLOCK_SIZE, args.max_seq_len, device, dtype)
     if compile:
         model.compile_()
     log.info("loaded %s (%d file(s), %s%s on %s) in %.2f s", ckpt_dir, len(ckpt.files), dtype,
@@ -172,7 +203,8 @@ def cache_blocks(args: ModelArgs, kv_cache_tokens: Optional[int], mp_size: int, 
             raise ValueError(f"kv_cache_tokens={tokens} is less than max_seq_len={args.max_seq_len}: the cache "
                              "must hold at least one whole sequence; raise kv_cache_tokens or lower max_seq_len")
     if room is not None and tokens > room:
-        fix = ("lower max_seq_len (the cache holds at least one whole sequence)" if kv_cache_tokens is None
+        fix = ("lower max_seq_len (by default the checkpoint's context; the cache holds at least one whole "
+               "sequence)" if kv_cache_tokens is None
                else "lower kv_cache_tokens")
         raise MemoryError(f"the KV cache for {tokens} positions needs {_size(per_token * tokens)} on {device} but "
                           f"only {_size(free)} is free after loading the weights: {fix}, or use more processes")

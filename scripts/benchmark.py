@@ -53,10 +53,9 @@ from pathlib import Path
 from queue import Empty
 from typing import Dict, List, Optional, Tuple
 
-import fire
 import torch
 
-from llama import Llama
+from llama import Llama, cli
 from llama.checkpoint import write_checkpoint
 from llama.hf import meta_to_hf
 from llama.loading import open_checkpoint
@@ -621,8 +620,4 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli.run(main, more_errors=(RuntimeError,)))

@@ -9,18 +9,27 @@ tokenizer.model is copied when IN_DIR has one. --chat_format (--to hf) names the
 model was fine-tuned on, whose template tokenizer_config.json gets (default: a Hugging Face source's
 own template, else the tokenizer's format). OUT_DIR appears only once it is complete.
 """
-import logging
 import sys
 from typing import Optional
 
-import fire
-
+from llama import cli
 from llama.checkpoint import write_meta
 from llama.loading import open_checkpoint
 from llama.hf import write_hf
 
 
 def main(in_dir: str, out_dir: str, to: str, num_shards: int = 1, chat_format: Optional[str] = None) -> None:
+    """Convert a checkpoint folder between Meta's layout and Hugging Face's (config.json + safetensors, with the
+    tokenizer files, chat template and generation config transformers reads). OUT_DIR appears only once complete.
+
+    Args:
+        in_dir: the checkpoint folder to read (either layout, detected).
+        out_dir: the folder to write.
+        to: meta or hf.
+        num_shards: model-parallel shards to write (--to meta).
+        chat_format: llama2, llama3 or alpaca: the chat template to write (--to hf); default: a Hugging Face
+            source's own, else the tokenizer's format.
+    """
     if to == "meta":
         if chat_format is not None:
             raise ValueError("--chat_format applies to --to hf only: a Meta folder holds no chat template")
@@ -35,8 +44,4 @@ def main(in_dir: str, out_dir: str, to: str, num_shards: int = 1, chat_format: O
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        fire.Fire(main)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli.run(main))

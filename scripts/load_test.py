@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import fire
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +305,7 @@ def _multiturn(servers: Dict[str, "_Server"], turns: int, repeats: int, max_toke
     turns, `repeats` times (each repeat with a system prompt of its own, so that none starts cached): time to
     first token and the prompt tokens found cached, per turn."""
     runs: Dict[str, List[List[dict]]] = {name: [] for name in servers}
+    models = {name: httpx.get(server.url + "/v1/models").json()["data"][0]["id"] for name, server in servers.items()}
     for r in range(repeats):
         system = _system_prompt(system_words, seed=r)
         for name, server in servers.items():
@@ -314,7 +314,7 @@ def _multiturn(servers: Dict[str, "_Server"], turns: int, repeats: int, max_toke
             messages, per_turn = [{"role": "system", "content": system}], []
             for _ in range(turns):
                 messages.append({"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(8))})
-                one = _chat(server.url, "", messages, max_tokens)
+                one = _chat(server.url, models[name], messages, max_tokens)
                 messages.append({"role": "assistant", "content": one["text"]})
                 first = one["arrivals"][0] if one["arrivals"] else float("nan")
                 per_turn.append({"ttft_ms": (first - one["sent"]) * 1e3, "prompt_tokens": one["usage"]["prompt_tokens"],
@@ -343,7 +343,7 @@ def _shared_prefix(url: str, ckpt_dir: str, clients: int, system_words: int, max
     rng = random.Random(5)
     dialogs = [[system, {"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(12))}]
                for _ in range(clients)]
-    prompts_ = [encode_dialog(tokenizer, d, tokenizer.chat_format) for d in dialogs]
+    prompts_ = [encode_dialog(tokenizer, d) for d in dialogs]  # the tokenizer's chat format, as the server's
     shared = min(next((k for k, (a, b) in enumerate(zip(p, prompts_[0])) if a != b), len(p)) for p in prompts_[1:])
     least = len(prompts_[0]) + sum(len(p) - shared for p in prompts_[1:])
     before = _metric(url, "llama_prompt_tokens_computed_total")
@@ -388,8 +388,9 @@ def _capacity(ckpt_dir: str, env: dict, scratch: Path, dtype: Optional[str], row
             return results
 
         results = asyncio.run(burst())
-        words = " ".join(random.Random(3).choice(_WORDS) for _ in range(long))
-        one = asyncio.run(_stream(host, port, "/v1/completions", {"prompt": words, "max_tokens": 16}))
+        rng = random.Random(3)  # token ids: exactly `long` of them, whatever the tokenizer
+        ids = [1] + [rng.randrange(3, 256) for _ in range(long - 1)]
+        one = asyncio.run(_stream(host, port, "/v1/completions", {"prompt": ids, "max_tokens": 16}))
         used = one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
         return {"rows": rows, "max_seq_len": max_seq_len, "kv_cache_tokens": kv_cache_tokens,
                 "requests": len(results), "completion_tokens": sum(r["tokens"] or 0 for r in results),
@@ -474,7 +475,7 @@ def _cache_checks(cmd: List[str], ckpt_dir: str, env: dict, scratch: Path, dtype
             out["shared_prefix"] = _shared_prefix(servers["ours"].url, ckpt_dir, shared_prefix, system_words, 16)
     if capacity:
         out["capacity"] = _capacity(ckpt_dir, env, scratch, dtype, rows=64, max_seq_len=2048, kv_cache_tokens=16384,
-                                    tokens=100, long=1500)
+                                    tokens=100, long=1984)
     return out
 
 
@@ -497,8 +498,6 @@ def _hf_command(hf_dir: str, port: int, levels: List[int], max_seq_len: int, dty
 
 
 if __name__ == "__main__":
-    try:
-        fire.Fire(main)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from llama import cli
+
+    sys.exit(cli.run(main, more_errors=(RuntimeError,)))

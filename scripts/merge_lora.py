@@ -10,12 +10,10 @@ read, so memory stays near one tensor. OUT appears only once it is complete; the
 loads without --lora and gives the same model as BASE with --lora ADAPTER. --chat_format (--to hf)
 names the format the adapter was trained on (e.g. alpaca), whose chat template the folder gets.
 """
-import logging
 import sys
 from typing import Optional
 
-import fire
-
+from llama import cli
 from llama.checkpoint import MetaCheckpoint, write_meta
 from llama.hf import write_hf
 from llama.loading import open_checkpoint
@@ -24,6 +22,18 @@ from llama.lora import MergedCheckpoint, open_adapter
 
 def main(base: str, adapter: str, out: str, to: Optional[str] = None, num_shards: Optional[int] = None,
          chat_format: Optional[str] = None) -> None:
+    """Merge a PEFT LoRA adapter into a checkpoint and write the result as a plain checkpoint, which loads without
+    --lora and gives the same model. OUT appears only once complete.
+
+    Args:
+        base: the base checkpoint folder (Meta or Hugging Face layout).
+        adapter: the PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin).
+        out: the folder to write.
+        to: meta or hf; default: the base's own layout.
+        num_shards: model-parallel shards to write (--to meta); default: the base's.
+        chat_format: llama2, llama3 or alpaca: the chat template to write (--to hf), e.g. the format the
+            adapter was trained on.
+    """
     base_ckpt = open_checkpoint(base)
     meta_base = isinstance(base_ckpt, MetaCheckpoint)
     to = to or ("meta" if meta_base else "hf")
@@ -44,8 +54,4 @@ def main(base: str, adapter: str, out: str, to: Optional[str] = None, num_shards
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        fire.Fire(main)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(cli.run(main))

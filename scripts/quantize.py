@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import fire
-
+from llama import cli
 from llama.checkpoint import MetaCheckpoint, linear_inputs, write_checkpoint
 from llama.errors import CheckpointError
 from llama.loading import open_checkpoint
@@ -40,14 +39,18 @@ def quantize_checkpoint(in_dir: str, out_dir: str, mode: str = "int8", group_siz
 
 
 def main(in_dir: str, out_dir: str, mode: str = "int8", group_size: Optional[int] = None) -> None:
+    """Write a weight-only int8 or int4 copy of a checkpoint in Meta's layout (same shard count), atomically;
+    Llama.build and the commands load it like any checkpoint.
+
+    Args:
+        in_dir: the float checkpoint folder to read (Meta or Hugging Face layout).
+        out_dir: the folder to write.
+        mode: int8 (a scale per output channel) or int4 (a scale and zero per group of input features).
+        group_size: int4's group size: 32, 64, 128 or 256 (default 128, or the largest that divides a layer).
+    """
     path = quantize_checkpoint(in_dir, out_dir, mode, group_size)
     print(f"wrote {path} ({mode})")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        fire.Fire(main)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli.run(main))

@@ -3,7 +3,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -20,15 +20,37 @@ settings.register_profile("long", max_examples=2000, deadline=None)
 settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
+# The real files some tests read (README: "Tests"): ../shared/assets beside the checkout, or wherever
+# LLAMA_TEST_ASSETS points. `python -m llama.download test-assets --dir DIR` fills such a folder.
+ASSETS = Path(os.environ.get("LLAMA_TEST_ASSETS") or ROOT.parent / "shared" / "assets").expanduser()
 
 
 def asset(name: str) -> Path:
-    """A real file from ../shared/assets, or skip: a fresh clone has no ../shared."""
+    """A real file from the assets folder, or skip: a fresh clone has no ../shared."""
     path = ASSETS / name
     if not path.is_file():
-        pytest.skip(f"{path} is absent (real assets live in ../shared/assets beside the repo)")
+        pytest.skip(f"{path} is absent: real assets live in ../shared/assets beside the repo, or in the folder "
+                    "LLAMA_TEST_ASSETS names (fill one with: python -m llama.download test-assets --dir DIR)")
     return path
+
+
+_running: list = []  # the test being run, for the checks below
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    _running.append(request.node)
+    yield
+    _running.pop()
+
+
+def require_slow(what: str) -> None:
+    """Refuse `what` (a process, a compilation) in a test not marked slow: `pytest -m "not slow"` is the quick loop
+    and must stay one."""
+    node = _running[-1] if _running else None
+    if node is not None and node.get_closest_marker("slow") is None:
+        pytest.fail(f"{node.nodeid} {what}: mark it @pytest.mark.slow (the quick loop runs no processes)",
+                    pytrace=False)
 
 
 def script(name: str):
@@ -55,6 +77,7 @@ def subprocess_env(**extra: str) -> dict:
 
 def torchrun(nproc: int, *args: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run `python -m torch.distributed.run --nproc_per_node nproc ARGS...` from the repo root."""
+    require_slow("starts processes (torchrun)")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
     env = subprocess_env(OMP_NUM_THREADS="1")
@@ -75,8 +98,29 @@ def probe(url: str, headers: Optional[dict] = None) -> str:
 
 
 def run_python(*args: str, timeout: float = 120, input: Optional[str] = None) -> subprocess.CompletedProcess:
+    require_slow(f"starts a process (python {' '.join(args[:1])})")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout, input=input)
+
+
+def run_main(main, *argv) -> Tuple[int, str, str]:
+    """A command's `main` (llama/commands, or a script's: `script(NAME).main`) run on the command line `argv` in
+    this process, as llama.cli runs it: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from llama import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.run(main, [str(a) for a in argv], prog=getattr(main, "__module__", "main"))
+    return status, out.getvalue(), err.getvalue()
+
+
+def start_process(cmd, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, for a slow test."""
+    require_slow(f"starts a process ({' '.join(map(str, cmd[:2]))})")
+    return subprocess.Popen(cmd, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -98,12 +142,11 @@ def tiny_llama(tiny_ckpt) -> Llama:
 
 @pytest.fixture(scope="session")
 def stories_ckpt(tmp_path_factory) -> Path:
-    """The real stories260K model converted to Meta's layout by scripts/convert_llama2c.py."""
+    """The real stories260K model converted to Meta's layout (scripts/convert_llama2c.py's conversion)."""
+    from llama.llama2c import convert_llama2c
+
     model, tok = asset("stories260K.bin"), asset("tok512.model")
-    out = tmp_path_factory.mktemp("stories") / "stories260K"
-    proc = run_python("scripts/convert_llama2c.py", str(model), str(tok), str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return convert_llama2c(model, tok, tmp_path_factory.mktemp("stories") / "stories260K")
 
 
 def random_model(seed: int = 0, max_seq_len: int = 64, max_batch_size: int = 4, **overrides):

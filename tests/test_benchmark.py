@@ -1,7 +1,11 @@
 """scripts/benchmark.py in its smoke mode: the tiny shape against transformers, a few tokens."""
 import json
 
+import pytest
+
 from conftest import run_python
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_benchmark_smoke(tmp_path):

@@ -1,4 +1,6 @@
-"""chat.py driven through piped stdin, on one process and on two; Ctrl-C on both."""
+"""llama-chat (chat.py) driven through piped stdin: in this process, and as a user runs it on one process and two;
+Ctrl-C on both."""
+import io
 import os
 import signal
 import subprocess
@@ -7,9 +9,10 @@ import time
 
 import pytest
 
-from chat import fit_dialog
-from conftest import ROOT, free_port, run_python, subprocess_env, torchrun
+from conftest import ROOT, free_port, run_main, run_python, subprocess_env, torchrun
 from llama import Llama
+from llama.commands import chat
+from llama.commands.chat import fit_dialog
 from llama.chat_format import strip_reserved_tags
 
 ARGS = ["--temperature", "0", "--max_gen_len", "10", "--max_seq_len", "128", "--system", "Be brief."]
@@ -38,6 +41,7 @@ def two_turns(chat_llama):
     return lines, expected_transcript(chat_llama, lines)
 
 
+@pytest.mark.slow
 def test_two_turn_session(tiny_ckpt, two_turns):
     lines, expected = two_turns
     proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), *ARGS, input="\n".join(lines) + "\n")
@@ -45,6 +49,7 @@ def test_two_turn_session(tiny_ckpt, two_turns):
     assert proc.stdout == expected
 
 
+@pytest.mark.slow
 def test_two_turn_session_on_two_processes(tiny_ckpt2, two_turns):
     lines, expected = two_turns
     proc = torchrun(2, "chat.py", "--ckpt_dir", str(tiny_ckpt2), *ARGS, input="\n".join(lines) + "\n")
@@ -52,22 +57,35 @@ def test_two_turn_session_on_two_processes(tiny_ckpt2, two_turns):
     assert proc.stdout == expected  # rank 0 alone prints, rank 1 followed the broadcast lines
 
 
-def test_reset_and_exit(tiny_ckpt, chat_llama):
-    stdin = "Hello\n/reset\nHello\n/exit\nnever read\n"
-    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), *ARGS, input=stdin)
-    assert proc.returncode == 0, proc.stderr
+def chat_in_process(monkeypatch, *argv, stdin: str):
+    """llama-chat in this process, its keyboard `stdin` (piped: each line is echoed): (status, stdout, stderr)."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    return run_main(chat.main, *argv)
+
+
+def test_reset_and_exit(tiny_ckpt, chat_llama, monkeypatch):
+    status, out, err = chat_in_process(monkeypatch, "--ckpt_dir", tiny_ckpt, *ARGS,
+                                       stdin="Hello\n/reset\nHello\n/exit\nnever read\n")
+    assert status == 0, err
     first = expected_transcript(chat_llama, ["Hello"]).removesuffix("> \n")
-    assert proc.stdout == first + "> /reset\n(history cleared)\n" + first + "> /exit\n"
+    assert out == first + "> /reset\n(history cleared)\n" + first + "> /exit\n"
 
 
-def test_long_history_drops_the_oldest_exchanges(tiny_ckpt):
+def test_long_history_drops_the_oldest_exchanges(tiny_ckpt, monkeypatch):
     lines = [f"Message {i}: the happy dog ran to the park with a red ball" for i in range(8)]
     lines.insert(4, "word " * 200)  # longer than max_seq_len: refused, session goes on
-    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), "--temperature", "0", "--max_gen_len", "10",
-                      "--max_seq_len", "64", input="\n".join(lines) + "\n")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("(not sent: the message does not fit in max_seq_len=64") == 1
-    assert proc.stdout.count("> Message") == 8
+    status, out, err = chat_in_process(monkeypatch, "--ckpt_dir", tiny_ckpt, "--temperature", "0", "--max_gen_len",
+                                       "10", "--max_seq_len", "64", stdin="\n".join(lines) + "\n")
+    assert status == 0, err
+    assert out.count("(not sent: the message does not fit in --max_seq_len=64") == 1
+    assert out.count("> Message") == 8
+
+
+def test_an_answer_that_reaches_max_seq_len_gets_a_note(tiny_ckpt, monkeypatch):
+    status, out, err = chat_in_process(monkeypatch, "--ckpt_dir", tiny_ckpt, "--temperature", "0", "--max_gen_len",
+                                       "40", "--max_seq_len", "48", stdin="the happy dog ran to the park\n")
+    assert status == 0, err
+    assert "note: this answer stops after" in err and "where the conversation reaches --max_seq_len=48" in err
 
 
 def test_fit_dialog_keeps_the_longest_recent_history(tiny_llama):

@@ -105,6 +105,7 @@ def test_rank_0_logs_shards_bytes_and_seconds(tiny_ckpt2, caplog):
     assert not caplog.messages
 
 
+@pytest.mark.slow
 def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_path):
     proc = torchrun(2, "tests/dist_worker.py", str(tiny_ckpt), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,6 +116,7 @@ def test_one_shard_on_two_processes_matches_native(tiny_ckpt, tiny_llama, tmp_pa
         assert r["greedy"] == tiny_llama.text_completion(PROMPTS, temperature=0, max_gen_len=12)
 
 
+@pytest.mark.slow
 def test_stories260k_on_two_processes_reproduces_one(stories_ckpt):
     g = Llama.build(str(stories_ckpt), max_seq_len=256, max_batch_size=1, model_parallel_size=1)
     prompt = "Once upon a time,"
@@ -126,6 +128,7 @@ def test_stories260k_on_two_processes_reproduces_one(stories_ckpt):
     assert proc.stdout.split("\n\n==========")[0] == alone
 
 
+@pytest.mark.slow
 def test_reshard_script_merges_and_copies(tiny_ckpt, tiny_ckpt2, tmp_path):
     out = tmp_path / "merged"
     proc = run_python("scripts/reshard.py", str(tiny_ckpt2), str(out), "--num_shards", "1")
@@ -310,6 +313,7 @@ def test_tokenizer_larger_than_the_model_is_refused(tiny_ckpt, tmp_path):
         build(tiny_ckpt, tokenizer_path=str(tok))
 
 
+@pytest.mark.slow
 def test_corrupt_shard_fails_on_every_rank(tiny_ckpt2, tmp_path):
     """Rank 0 never reads shard 01's weights, but still refuses it instead of waiting on rank 1."""
     bad = edit_file("consolidated.01.pth", truncate)(tiny_ckpt2, tmp_path / "bad")

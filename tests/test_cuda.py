@@ -76,6 +76,7 @@ def test_int8_on_gpu_matches_int8_on_cpu(tiny_ckpt):
     torch.testing.assert_close(logits(gpu.model, tokens.cuda()).cpu(), logits(cpu.model, tokens), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bf16", None), ("float32", "int8"), ("bf16", "int4")])
 def test_compiled_decode_matches_eager(tiny_ckpt, dtype, quantize):
     """CUDA graphs replay the compiled step."""
@@ -145,6 +146,7 @@ def _nccl_run(ckpt, nproc: int, tmp_path) -> dict:
     return json.loads((tmp_path / f"nccl{nproc}.rank0.json").read_text())
 
 
+@pytest.mark.slow
 def test_nccl_one_process_matches_cpu(tiny_ckpt, tmp_path):
     result = _nccl_run(tiny_ckpt, 1, tmp_path)
     assert result["backend"] == "nccl"
@@ -152,6 +154,7 @@ def test_nccl_one_process_matches_cpu(tiny_ckpt, tmp_path):
     assert result["greedy"] == cpu.generate(PROMPTS, max_gen_len=16, temperature=0)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="model parallelism over nccl needs 2 GPUs")
 def test_nccl_two_gpus_match_one(tiny_ckpt2, tmp_path):
     one, two = _nccl_run(tiny_ckpt2, 1, tmp_path), _nccl_run(tiny_ckpt2, 2, tmp_path)

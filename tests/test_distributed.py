@@ -3,8 +3,12 @@ import re
 
 import torch
 
+import pytest
+
 from conftest import logits, torchrun
 from dist_worker import PROMPTS
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_two_processes_match_one(tiny_ckpt, tiny_ckpt2, tiny_llama, tmp_path):

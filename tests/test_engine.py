@@ -175,6 +175,7 @@ def test_requests_from_threads_equal_transformers_continuous_batching(tiny_ckpt,
     assert len({len(p) for p in prompts}) > 3 and sum(map(len, ours)) > 20
 
 
+@pytest.mark.slow
 def test_two_processes_serving_threads_equal_one_process(tiny_ckpt2, g, solo, tmp_path):
     """Rank 0 takes the calls from its threads while rank 1 follows its steps (serve_forever)."""
     proc = torchrun(2, "tests/engine_worker.py", str(tiny_ckpt2), str(tmp_path / "out.json"), timeout=180)

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import asset, free_port, run_python, subprocess_env
+from conftest import asset, free_port, run_main, script, start_process, subprocess_env
 from llama import Llama
+from llama.commands import generate
 from llama.chat_format import encode_dialog
 from llama.checkpoint import write_checkpoint
 from llama.hf import write_hf
@@ -117,6 +118,7 @@ def test_real_llama_tokenizer_in_autotokenizer(exported):
     assert read(out / "generation_config.json") == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
+@pytest.mark.slow
 def test_llama3_tokenizer_in_autotokenizer(exported):
     ours, hf, out = exported("llama3")
     assert hf_ids(hf, "I believe the meaning of life is") == [128000, 40, 4510, 279, 7438, 315, 2324, 374]
@@ -296,12 +298,12 @@ def test_export_takes_the_chat_format_in_use(tiny_ckpt, tiny_hf, tmp_path):
     with pytest.raises(ValueError, match="chat_format='vicuna' is not one of"):
         write_hf(open_checkpoint(tiny_ckpt), tmp_path / "bad", chat_format="vicuna")
     assert not (tmp_path / "bad").exists()
-    proc = run_python("scripts/convert_checkpoint.py", str(tiny_ckpt), str(tmp_path / "bad"), "--to", "hf",
-                      "--chat_format", "llama3")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
-    assert proc.stderr.strip() == ("error: chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header "
-                                   "tokens); this checkpoint has a SentencePiece one: use 'llama2' or leave "
-                                   "chat_format unset")
+    status, _, err = run_main(script("convert_checkpoint").main, tiny_ckpt, tmp_path / "bad", "--to", "hf",
+                              "--chat_format", "llama3")
+    assert status == 1 and not (tmp_path / "bad").exists()
+    assert err.strip() == ("error: --chat_format='llama3' needs Llama 3's tiktoken tokenizer (its header "
+                           "tokens); this checkpoint has a SentencePiece one: use 'llama2' or leave "
+                           "--chat_format unset")
 
 
 def test_a_sentencepiece_model_tokenizer_json_cannot_match_is_left_out_with_a_warning(tiny_ckpt, tmp_path, caplog):
@@ -331,11 +333,11 @@ def test_build_from_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_p
 
 def test_example_py_runs_a_folder_with_only_tokenizer_json(tiny_hf, tiny_llama, tmp_path):
     path = without_tokenizer_model(tiny_hf, tmp_path / "alone")
-    proc = run_python("example.py", "--ckpt_dir", str(path), "--temperature", "0", "--max_gen_len", "8",
-                      "--prompts", "The cat sat")
-    assert proc.returncode == 0, proc.stderr
+    status, out, err = run_main(generate.main, "--ckpt_dir", path, "--temperature", "0", "--max_gen_len", "8",
+                                "--prompts", "The cat sat")
+    assert status == 0, err
     expected = tiny_llama.text_completion(["The cat sat"], temperature=0, max_gen_len=8)[0]["generation"]
-    assert proc.stdout.startswith("The cat sat" + expected + "\n")
+    assert out.startswith("The cat sat" + expected + "\n")
 
 
 def test_build_llama3_style_tokenizer_json_chats_as_tiktoken(tmp_path):
@@ -364,8 +366,8 @@ def test_a_folder_without_any_tokenizer_is_refused(tiny_hf, tmp_path):
 def stories(stories_ckpt, tmp_path_factory):
     """The real stories260K, ours and as a Hugging Face folder from scripts/convert_checkpoint.py."""
     hf = tmp_path_factory.mktemp("hf") / "stories_hf"
-    proc = run_python("scripts/convert_checkpoint.py", str(stories_ckpt), str(hf), "--to", "hf")
-    assert proc.returncode == 0, proc.stderr
+    status, _, err = run_main(script("convert_checkpoint").main, stories_ckpt, hf, "--to", "hf")
+    assert status == 0, err
     return Llama.build(str(stories_ckpt), max_seq_len=128, max_batch_size=2, model_parallel_size=1), hf
 
 
@@ -405,6 +407,7 @@ def _wait_healthy(proc, port, log, deadline):
     pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_transformers_serve_answers_as_ours(stories, tmp_path):
     from transformers.utils.import_utils import is_serve_available
 
@@ -423,7 +426,7 @@ def test_transformers_serve_answers_as_ours(stories, tmp_path):
             cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(path), "--host", "127.0.0.1",
                    "--port", str(port), "--device", "cpu", *flags]
             with open(log, "wb") as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                proc = start_process(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=subprocess_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
             servers[mode] = proc, port, log
         deadline = time.monotonic() + 90

@@ -118,6 +118,7 @@ def test_int4_stories260k_quality(stories_ckpt, group_size, caplog):
     assert weight_bytes(q.model) < 0.3 * weight_bytes(ref.model)  # 4-bit linears, 8-bit w2, the float32 embedding
 
 
+@pytest.mark.slow
 def test_int4_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     out = tmp_path / "int4"
     proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(out), "--mode", "int4", "--group_size", "32")
@@ -136,6 +137,7 @@ def test_int4_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     assert not torch.allclose(at_load, float_logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_int4_checkpoints_reshard(tiny_ckpt, tiny_ckpt2, tmp_path):
     """Groups of 32 lie within each shard's half of wo and w2, so the model is the same on any split: a
     2-shard int4 checkpoint on 1 process, a 1-shard one on 2 processes, and quantizing at load on 2
@@ -155,6 +157,7 @@ def test_int4_checkpoints_reshard(tiny_ckpt, tiny_ckpt2, tmp_path):
         torch.testing.assert_close(at_load, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loading_an_int4_checkpoint_holds_one_copy_of_its_bytes(tmp_path, tiny_ckpt):
     """Peak resident memory of Llama.build over the int4 bytes it loads (180 MB, nearly all nibbles): each
     layer is filled in place, then repacked for the kernel in place, a few blocks of rows at a time.
@@ -192,6 +195,7 @@ def _corrupt(src, dst, name, value):
     return dst
 
 
+@pytest.mark.slow
 def test_int4_bad_input(tiny_ckpt, tmp_path):
     for kwargs, message in [(dict(quantize="int4", group_size=48), "group_size=48 is not supported"),
                             (dict(quantize="int4", group_size=True), "group_size=True is not supported"),
@@ -221,11 +225,11 @@ def test_int4_bad_input(tiny_ckpt, tmp_path):
             open_checkpoint(_corrupt(int4, tmp_path / f"bad{i}", key, value))
     proc = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), "--quantize", "int4", "--group_size", "100")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: group_size=100 is not supported by the int4 kernels")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --group_size=100 is not supported by the int4 kernels")
     proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(tmp_path / "q"), "--mode", "int4",
                       "--group_size", "16")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not (tmp_path / "q").exists()
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: group_size=16 is not supported")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --group_size=16 is not supported")
 
 
 if __name__ == "__main__":  # the torchrun worker of test_int4_checkpoints_reshard

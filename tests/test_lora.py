@@ -1,5 +1,6 @@
 """PEFT LoRA adapters merged at load: the same logits and greedy tokens as peft's own model, on
 Meta-layout and Hugging Face bases, on one process and two; the merge script; every refusal."""
+import io
 import json
 import shutil
 import warnings
@@ -9,9 +10,10 @@ from typing import Dict, List, NamedTuple
 import pytest
 import torch
 
-from conftest import logits, run_python, torchrun
+from conftest import logits, run_main, script, torchrun
 from dist_worker import PROMPTS
 from llama import Llama
+from llama.commands import chat, generate
 from llama.checkpoint import load_shard, shard_dim, write_checkpoint, write_meta
 from llama.errors import CheckpointError
 from llama.hf import write_hf
@@ -127,6 +129,7 @@ def test_each_rank_merges_only_its_slice(tiny_ckpt, adapters, embedding_dim):
         torch.testing.assert_close(joined, t, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_ckpt, tiny_ckpt2, adapters, tmp_path):
     ref = adapters["patterns"]
     proc = torchrun(2, "tests/dist_worker.py", str(tiny_ckpt2), str(tmp_path / "out"), str(ref.path))
@@ -150,22 +153,23 @@ def test_the_adapter_merges_before_int8_quantization(tiny_ckpt, adapters, tmp_pa
                                                    ref.logits).abs().max()
 
 
-def merge(*args: str):
-    return run_python("scripts/merge_lora.py", *map(str, args))
+def merge(*args):
+    """scripts/merge_lora.py's command line, in this process: (status, stdout, stderr)."""
+    return run_main(script("merge_lora").main, *args)
 
 
 def test_merge_script_output_loads_as_the_merged_model(tiny_ckpt, hf_base, adapters, tmp_path):
     ref = adapters["patterns"]
     with_lora = logits(build(tiny_ckpt, ref.path).model, TOKENS)
-    proc = merge(tiny_ckpt, ref.path, tmp_path / "as_hf", "--to", "hf")  # Meta base, HF output
-    assert proc.returncode == 0, proc.stderr
+    status, _, err = merge(tiny_ckpt, ref.path, tmp_path / "as_hf", "--to", "hf")  # Meta base, HF output
+    assert status == 0, err
     with torch.no_grad():  # transformers reads it as peft's model
         hf_logits = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "as_hf", dtype=torch.float32)(TOKENS).logits
     assert (hf_logits - ref.logits).abs().max().item() < 1e-4
     torch.testing.assert_close(logits(build(tmp_path / "as_hf").model, TOKENS), with_lora, atol=1e-6, rtol=0)
 
-    proc = merge(hf_base, ref.path, tmp_path / "as_meta", "--to", "meta", "--num_shards", "2")  # HF base, Meta output
-    assert proc.returncode == 0, proc.stderr
+    status, _, err = merge(hf_base, ref.path, tmp_path / "as_meta", "--to", "meta", "--num_shards", "2")  # HF -> Meta
+    assert status == 0, err
     assert sorted(p.name for p in (tmp_path / "as_meta").iterdir()) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     torch.testing.assert_close(logits(build(tmp_path / "as_meta").model, TOKENS), with_lora, atol=1e-6, rtol=0)
@@ -173,32 +177,32 @@ def test_merge_script_output_loads_as_the_merged_model(tiny_ckpt, hf_base, adapt
 
 def test_merge_script_bad_adapter_is_one_line_and_writes_nothing(tiny_ckpt, adapters, tmp_path):
     bad = edited(adapters["plain"].path, tmp_path / "bad", config={"use_dora": True})
-    proc = merge(tiny_ckpt, bad, tmp_path / "out")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "use_dora=True is not supported" in proc.stderr
+    status, _, err = merge(tiny_ckpt, bad, tmp_path / "out")
+    assert status == 1 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "use_dora=True is not supported" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
-def test_example_py_bad_lora_is_one_line(tiny_ckpt, tmp_path):
-    proc = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), "--lora", str(tmp_path / "nowhere"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: LoRA adapter folder '{tmp_path / 'nowhere'}' does not "
-                                                   "exist: pass --lora with a PEFT adapter folder (adapter_config.json"
-                                                   " + adapter_model.safetensors or adapter_model.bin)")
+def test_a_bad_lora_flag_is_one_line(tiny_ckpt, tmp_path):
+    status, _, err = run_main(generate.main, "--ckpt_dir", tiny_ckpt, "--lora", tmp_path / "nowhere")
+    assert status == 1
+    assert err.strip().splitlines()[-1] == (f"error: LoRA adapter folder '{tmp_path / 'nowhere'}' does not "
+                                            "exist: pass --lora with a PEFT adapter folder (adapter_config.json"
+                                            " + adapter_model.safetensors or adapter_model.bin)")
 
 
-def test_chat_py_with_an_adapter_in_alpaca_format(tiny_ckpt, adapters):
+def test_chat_with_an_adapter_in_alpaca_format(tiny_ckpt, adapters, monkeypatch):
     from test_chat import expected_transcript  # the system message is the Input of each instruction
 
     lines = ["Name three colours.", "And three animals?"]
     g = build(tiny_ckpt, adapters["plain"].path, chat_format="alpaca", max_seq_len=384, max_batch_size=1)
     args = ["--temperature", "0", "--max_gen_len", "10", "--max_seq_len", "384", "--system", "Be brief."]
-    proc = run_python("chat.py", "--ckpt_dir", str(tiny_ckpt), "--lora", str(adapters["plain"].path),
-                      "--chat_format", "alpaca", *args, input="\n".join(lines) + "\n")
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    status, out, err = run_main(chat.main, "--ckpt_dir", tiny_ckpt, "--lora", adapters["plain"].path,
+                                "--chat_format", "alpaca", *args)
+    assert status == 0, err
     expected = expected_transcript(g, lines)
-    assert proc.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")  # text-mode pipes read \r as \n
+    assert out == expected
     plain = build(tiny_ckpt, chat_format="alpaca", max_seq_len=384, max_batch_size=1)
     assert expected_transcript(plain, lines) != expected  # the adapter shows in the answers
 

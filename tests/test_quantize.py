@@ -34,6 +34,7 @@ def test_int8_bf16_batches_whose_in_features_are_not_a_multiple_of_16(stories_ck
     assert (bf16 - f32).abs().max() < 0.05 * f32.abs().max()
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     out = tmp_path / "int8"
     proc = run_python("scripts/quantize.py", str(tiny_ckpt), str(out), "--mode", "int8")
@@ -47,6 +48,7 @@ def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     assert (at_load - float_logits).abs().max() < 0.02 * float_logits.abs().max()  # close, not equal
 
 
+@pytest.mark.slow
 def test_quantize_errors(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="nf4"):
         _build(tiny_ckpt, quantize="nf4")
@@ -56,6 +58,7 @@ def test_quantize_errors(tiny_ckpt, tmp_path):
     assert proc.returncode == 1 and "already exists" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_shards_quantize_like_one(tiny_ckpt, tiny_ckpt2, tmp_path):
     """Row-parallel scales span every rank's part of a row, so 2 processes hold the 1-process int8 model,
     whether they quantize at load or load a 2-shard checkpoint from scripts/quantize.py."""
@@ -70,6 +73,7 @@ def test_two_shards_quantize_like_one(tiny_ckpt, tiny_ckpt2, tmp_path):
         torch.testing.assert_close(from_ckpt, one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_quantized_checkpoint_reshards_on_load(tiny_ckpt, tiny_ckpt2, tmp_path):
     """Column-parallel scales split with their rows, row-parallel ones are whole on every shard: a
     2-shard int8 checkpoint merges on one process into the 1-shard int8 model."""

@@ -12,6 +12,7 @@ from llama.loading import kv_cache_bytes
     ("value", "ValueError: rank 1: shard consolidated.01.pth is unreadable"),
     ("internal", "RankError: rank 1: KeyError: 'something internal'"),
 ])
+@pytest.mark.slow
 def test_an_error_on_one_rank_is_raised_on_every_rank(kind, expected):
     proc = torchrun(2, "tests/fail_worker.py", kind, timeout=60)
     assert proc.returncode != 0
@@ -49,6 +50,7 @@ def test_the_kv_cache_estimate_is_what_gets_allocated(tiny_ckpt):
     assert allocated == kv_cache_bytes(g.model.params, 1, torch.float32, 3 * 48 + 16)
 
 
+@pytest.mark.slow
 def test_bad_build_input_fails_on_both_ranks(tiny_ckpt2):
     """A shard only rank 1 reads holds inf: both ranks stop, rank 0 printing rank 1's error once."""
     import shutil
@@ -71,6 +73,7 @@ def test_bad_build_input_fails_on_both_ranks(tiny_ckpt2):
     ("different", "rank 1 was given different prompts or sampling arguments than rank 0"),
     ("too long", "rank 1: prompt 0 has"),
 ])
+@pytest.mark.slow
 def test_a_prompt_only_one_rank_got_stops_both(tiny_ckpt2, case, message):
     proc = torchrun(2, "tests/mismatch_worker.py", str(tiny_ckpt2), case, timeout=90)
     assert proc.returncode != 0
@@ -78,6 +81,7 @@ def test_a_prompt_only_one_rank_got_stops_both(tiny_ckpt2, case, message):
     assert "rank 1 raised" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_rank_that_crashes_mid_generation_ends_the_job(tiny_ckpt2):
     """Rank 0 is then blocked in a collective; the job still ends, in seconds, with rank 1's error."""
     proc = torchrun(2, "tests/mismatch_worker.py", str(tiny_ckpt2), "crash", timeout=60)  # a hang fails here

@@ -172,3 +172,16 @@ def test_sampling_params_are_one_checked_value():
     assert not SamplingParams().penalized
     with pytest.raises(ValueError, match="constraint kind 'xml'"):
         Constraint("xml", "<a/>")
+
+
+def test_the_commands_take_the_penalties(stories, stories_ckpt):
+    """llama-generate's --repetition_penalty and --frequency_penalty give the library's text."""
+    from conftest import run_main
+    from llama.commands import generate
+
+    code, out, _ = run_main(generate.main, "--ckpt_dir", str(stories_ckpt), "--prompts", "Once upon a time",
+                            "--temperature", "0", "--max_gen_len", "40", "--repetition_penalty", "1.3",
+                            "--frequency_penalty", "0.5")
+    expected = stories.text_completion(["Once upon a time"], temperature=0, max_gen_len=40, repetition_penalty=1.3,
+                                       frequency_penalty=0.5)[0]["generation"]
+    assert code == 0 and out.startswith("Once upon a time" + expected)

@@ -68,6 +68,7 @@ def test_bad_scoring_input(tiny_llama):
         tiny_llama.score([("The cat", "")])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_ckpt, tiny_ckpt2, tmp_path):
     proc = torchrun(2, "tests/generation_worker.py", str(tiny_ckpt2), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -215,22 +215,26 @@ def _error(call):
 
 
 @pytest.mark.parametrize("fields, param, message", [
-    (dict(max_tokens=-1), "max_tokens", "max_tokens=-1 must be an integer >= 0"),
-    (dict(temperature="hot"), "temperature", "temperature='hot' must be a number"),
-    (dict(temperature=-0.5), "temperature", "temperature=-0.5 must be >= 0"),
-    (dict(top_p=0), "top_p", "top_p=0 must be in (0, 1]"),
-    (dict(top_p=1.5), "top_p", "top_p=1.5 must be in (0, 1]"),
-    (dict(max_tokens=95), "max_tokens", "max_seq_len=96"),
+    (dict(max_tokens=-1), "max_tokens", "max_tokens=-1: input should be greater than or equal to 0"),
+    (dict(temperature="hot"), "temperature", "temperature='hot': input should be a valid number"),
+    (dict(temperature=-0.5), "temperature", "temperature=-0.5: input should be greater than or equal to 0"),
+    (dict(top_p=0), "top_p", "top_p=0: input should be greater than 0"),
+    (dict(top_p=1.5), "top_p", "top_p=1.5: input should be less than or equal to 1"),
+    (dict(max_tokens=95), "max_tokens", "max_seq_len=96 tokens (the server's --max_seq_len)"),
     (dict(prompt="word " * 200), "prompt", "max_seq_len=96"),
-    (dict(stop=[""]), "stop", "must be a non-empty string"),
+    (dict(stop=["x", ""]), "stop", "must be a non-empty string"),
     (dict(stop=["x"] * 17), "stop", "stop holds 17 strings: at most 16 stop strings are allowed"),
     (dict(stop=["ok", "x" * 257]), "stop", "stop[1] is 257 characters long: a stop string may have at most 256"),
     (dict(stop={"a": 1}), "stop", "stop={'a': 1} must be a non-empty string or a list of them"),
     (dict(stop=["ok", "y" * 500, 7]), "stop", "stop=['ok', 'yyyyyyyyyyyyyyyyyyyyyyyyyyyyy... must be"),  # cut short
-    (dict(n=0), "n", "n=0 must be an integer from 1 to 16"),
-    (dict(seed=2**70), "seed", "must be an integer from"),
-    (dict(presence_penalty=0.5), "presence_penalty", "not supported"),
-    (dict(prompt=[1, 2, 3]), "prompt", "token arrays are not accepted"),
+    (dict(n=0), "n", "n=0: input should be greater than or equal to 1"),
+    (dict(seed=2**70), "seed", "input should be less than or equal to 9223372036854775807"),
+    (dict(presence_penalty=2.5), "presence_penalty", "presence_penalty=2.5: input should be less than or equal to 2"),
+    (dict(best_of=3), "best_of", "best_of=3 is not supported: leave it out or make it equal n"),
+    (dict(prompt=[[1, 2], []]), "prompt", "holds an empty list of token ids: each prompt needs at least one token"),
+    (dict(prompt=["a", 7]), "prompt[1]", "prompt[1]=7: input should be a valid string"),
+    (dict(stream="yes"), "stream", "stream='yes': input should be a valid boolean"),
+    (dict(stream_options={"include_usage": 1}), "stream_options.include_usage", "input should be a valid boolean"),
 ])
 def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, message):
     e = _error(lambda: client.completions.create(**{"model": MODEL, "prompt": "The cat", **fields}))
@@ -240,12 +244,15 @@ def test_bad_completion_fields_are_400_naming_the_field(client, fields, param, m
 
 @pytest.mark.parametrize("messages, param, message", [
     (None, "messages", "messages is missing"),
+    ([], "messages", "list should have at least 1 item"),
     ([{"role": "user", "content": "a [INST] b"}], "messages", "reserved chat tag '[INST]'"),
-    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "role is system, user or assistant"),
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),
+    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),  # issue 18
+    ([{"role": "user", "content": "hi"}, {}], "messages[1].role", "messages[1].role is missing"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content", "this model reads text only"),
     ([{"role": "assistant", "content": "hi"}], "messages", "must alternate user/assistant"),
-    # Issue 18, item 9: these were 500s (a TypeError), not 400s.
-    ([{"role": ["user"], "content": "hi"}], "messages[0].role", "role is system, user or assistant"),
-    ([{"role": {}, "content": "hi"}], "messages[0].role", "role is system, user or assistant"),
+    # Issue 18, item 9: a role or content of another type was a 500 (a TypeError), not a 400.
+    ([{"role": {}, "content": "hi"}], "messages[0].role", "must be system, user, assistant or tool"),
     ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "must be a string or a list"),
 ])
 def test_bad_chat_messages_are_400(client, messages, param, message):
@@ -383,6 +390,7 @@ def test_health_models_and_no_cors_by_default(server, client):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": MODEL}
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == MAX_SEQ_LEN  # as vLLM's
     preflight = httpx.options(f"{server.url}/v1/completions", headers={
         "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in preflight.headers
@@ -502,6 +510,8 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server, client):
     _error(lambda: client.completions.create(model=MODEL, prompt="The cat", top_p=7))
     response = httpx.get(f"{server.url}/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "# TYPE llama_time_to_first_token_seconds histogram" in response.text
+    assert "# TYPE llama_requests_submitted_total counter" in response.text
     after = _samples(response.text)
     assert after[("llama_requests_submitted_total", model)] == before[("llama_requests_submitted_total", model)] + 1
     assert after[("llama_generation_tokens_total", model)] == before[("llama_generation_tokens_total", model)] + 5

@@ -226,6 +226,7 @@ def chromium_and_driver():
     return browser, driver
 
 
+@pytest.mark.slow
 def test_the_page_streams_a_completion_in_a_real_browser(server, ref, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By

@@ -1,6 +1,9 @@
 """The real stories260K model (llama2.c) reproduces its greedy story, token for token."""
-from conftest import run_python
+import pytest
+
+from conftest import run_main, run_python
 from llama import Llama
+from llama.commands import generate
 
 PUBLISHED = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
@@ -34,6 +37,15 @@ def test_stories260k_greedy_story(stories_ckpt):
     assert g.tokenizer.decode(tokens[0]) == GOLDEN_TEXT and GOLDEN_TEXT.startswith(PUBLISHED)
 
 
+def test_stories260k_through_llama_generate(stories_ckpt):
+    status, out, err = run_main(generate.main, "--ckpt_dir", stories_ckpt, "--prompts", "Once upon a time,",
+                                "--temperature", "0", "--max_gen_len", "30")
+    assert status == 0, err
+    assert out.startswith(PUBLISHED)
+    assert "note:" not in err  # the default max_seq_len is the model's 512: 30 new tokens fit
+
+
+@pytest.mark.slow
 def test_stories260k_through_example_py(stories_ckpt):
     proc = run_python("example.py", "--ckpt_dir", str(stories_ckpt), "--prompts", "Once upon a time,",
                       "--temperature", "0", "--max_gen_len", "30")

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import llama.runner
-from conftest import ASSETS, run_python, torchrun
+from conftest import ASSETS, run_main, run_python, torchrun
+from llama.commands import generate
 from llama.text import TextStream, check_stop, decode_continuation
 from llama.tokenizer import Tokenizer, load_tokenizer
 from test_tokenizer import write_tiny_tiktoken
@@ -188,6 +189,14 @@ def test_stream_checks_arguments_before_returning(tiny_llama):
         tiny_llama.stream(["a"], temperature=-1)
 
 
+def test_llama_generate_stream_prints_the_same_text(tiny_ckpt):
+    args = ["--ckpt_dir", tiny_ckpt, "--prompts", "Once 🦙", "The cat", "--temperature", "0", "--max_gen_len", "12"]
+    plain, streamed = run_main(generate.main, *args), run_main(generate.main, *args, "--stream")
+    assert plain[0] == streamed[0] == 0, plain[2] + streamed[2]
+    assert streamed[1] == plain[1] and plain[1].startswith("Once 🦙")
+
+
+@pytest.mark.slow
 def test_example_py_stream_prints_the_same_text(tiny_ckpt):
     args = ["example.py", "--ckpt_dir", str(tiny_ckpt), "--prompts", "Once 🦙", "The cat", "--temperature", "0",
             "--max_gen_len", "12"]
@@ -197,6 +206,7 @@ def test_example_py_stream_prints_the_same_text(tiny_ckpt):
     assert streamed.stdout == plain.stdout and plain.stdout.startswith("Once 🦙")
 
 
+@pytest.mark.slow
 def test_example_py_stream_on_two_processes(tiny_ckpt, tiny_ckpt2):
     args = ["--prompts", "The cat", "A", "--temperature", "0", "--max_gen_len", "8", "--stop", "e"]
     one = run_python("example.py", "--ckpt_dir", str(tiny_ckpt), *args)

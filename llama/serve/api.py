@@ -5,9 +5,15 @@ from their completions, whole or as server-sent events (`data: {json}` chunks, t
 `data: [DONE]`). Streamed and whole answers read the same text, so they agree exactly.
 
 Where OpenAI leaves room, this server chooses: a request cut short by a server shutdown ends with
-finish_reason "length" (the answer is incomplete; OpenAI has no other value for that); logprobs
-give the chosen tokens' log-probabilities, never alternatives (`top_logprobs` is null, or empty
-lists in chat); a failure in the engine is a 500, or in a stream an `error` event.
+finish_reason "length" (the answer is incomplete; OpenAI has no other value for that); log-probabilities
+are the model's own, before penalties, bias, constraints and temperature; a failure in the engine is a
+500, or in a stream an `error` event.
+
+Tool calls (chat, Llama 3 tokenizers): the tools go into the prompt in Llama 3.1's format
+(llama.chat_format); an answer that is wholly tool calls comes back as `tool_calls`, finish_reason
+"tool_calls". With tool_choice "required" or a named function the answer is constrained to such calls.
+Streamed, an answer that may be a call is held back until it is known: once its first character is
+not the start of a call it streams as text; a call comes in one chunk, whole, when the answer ends.
 """
 from __future__ import annotations
 
@@ -20,27 +26,35 @@ from typing import AsyncIterator, Dict, List, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from llama.chat_format import PYTHON_TAG, parse_tool_calls
 from llama.generation import Completion, Delta, Llama
 from llama.serve import params
 from llama.serve.errors import APIError, failure_message, invalid
-from llama.serve.params import Sampling
+from llama.serve.params import Sampling, Tools
 from llama.serve.service import Service
 from llama.serve.watch import Change, Watch
 
-_UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
 CLIENT_GONE = 499  # the status counted for a whole answer whose client left first (nobody reads it)
 _DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 
 
 async def completions(service: Service, request: Request, body: dict) -> Response:
-    sampling = params.sampling(body, chat=False)
-    params.refuse_unsupported(body, {**_UNSUPPORTED, "suffix": ""})
-    texts = params.prompts(body)
+    req = params.parse(params.CompletionRequest, body)
+    sampling = req.sampling()
     g = service.admit()
-    try:
-        prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
-    except ValueError as e:  # e.g. a lone surrogate
-        raise invalid(f"prompt: {e}", "prompt") from None
+    if req.token_prompts:  # token ids, exactly as given
+        prompts = [list(p) for p in req.prompt]
+        vocab = g.model.vocab_size
+        bad = next((t for p in prompts for t in p if t >= vocab), None)
+        if bad is not None:
+            raise invalid(f"prompt holds token id {bad}: this model's ids are 0 to {vocab - 1}", "prompt")
+        texts = [g.tokenizer.decode(p) for p in prompts]
+    else:
+        texts = list(req.prompt)
+        try:
+            prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+        except ValueError as e:  # e.g. a lone surrogate
+            raise invalid(f"prompt: {e}", "prompt") from None
     max_new = [_max_new(g, len(p), sampling.max_tokens, "prompt") for p in prompts]
     watch = service.watch(prompts, sampling, max_new)
     answer = _Answer(g, service.model_name, "cmpl", "text_completion", sampling, prompts, texts)
@@ -52,17 +66,15 @@ async def completions(service: Service, request: Request, body: dict) -> Respons
 
 
 async def chat_completions(service: Service, request: Request, body: dict) -> Response:
-    sampling = params.sampling(body, chat=True)
-    params.refuse_unsupported(body, {**_UNSUPPORTED, "tools": [], "functions": []})
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
-    dialog = params.messages(body)
+    req = params.parse(params.ChatRequest, body)
+    sampling, dialog = req.sampling(), req.dialog()
     g = service.admit()
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" \
+        else None
     try:
-        prompt = g.encode_dialog(dialog)
-    except ValueError as e:  # reserved chat tags, roles out of order
-        raise invalid(f"messages: {e}", "messages") from None
+        prompt = g.encode_dialog(dialog, tools=tools)
+    except ValueError as e:  # reserved chat tags, roles out of order, tools in a format without them
+        raise invalid(f"messages: {e}", "tools" if "tool" in str(e) and tools else "messages") from None
     max_new = [_max_new(g, len(prompt), sampling.max_tokens, "messages")]
     watch = service.watch([prompt], sampling, max_new, decode_after=[])
     answer = _Answer(g, service.model_name, "chatcmpl", "chat.completion", sampling, [prompt], None)
@@ -73,18 +85,67 @@ async def chat_completions(service: Service, request: Request, body: dict) -> Re
     return JSONResponse(answer.whole(watch))
 
 
+async def tokenize(service: Service, body: dict) -> Response:
+    """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": true} or {"messages": [...]} ->
+    {"count", "max_model_len", "tokens"}."""
+    g = service.admit()
+    if "messages" in body:
+        req = params.parse(params.ChatRequest, {"messages": body["messages"], "tools": body.get("tools")})
+        try:
+            tokens = g.encode_dialog(req.dialog(), tools=[t.model_dump(exclude_none=True) for t in req.tools]
+                                     if req.tools else None)
+        except ValueError as e:
+            raise invalid(f"messages: {e}", "messages") from None
+    else:
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str) or not isinstance(special, bool):
+            raise invalid('the body must be {"prompt": text, "add_special_tokens": true|false} or {"messages": '
+                          "[...]}", "prompt")
+        try:
+            tokens = g.tokenizer.encode(prompt, bos=special, eos=False)
+        except ValueError as e:
+            raise invalid(f"prompt: {e}", "prompt") from None
+    return JSONResponse({"count": len(tokens), "max_model_len": g.max_seq_len, "tokens": tokens})
+
+
+async def detokenize(service: Service, body: dict) -> Response:
+    """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> {"prompt": text}."""
+    g = service.admit()
+    tokens, vocab = body.get("tokens"), g.model.vocab_size
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                             for t in tokens)):
+        raise invalid(f"tokens must be a list of token ids from 0 to {vocab - 1}", "tokens")
+    return JSONResponse({"prompt": g.tokenizer.decode(tokens)})
+
+
+def tokenizer_info(service: Service) -> Response:
+    """`GET /tokenizer_info` (vLLM's): what a client needs to tokenize as the server does (lm-evaluation-harness
+    reads it, then uses /tokenize and /detokenize)."""
+    from llama.chat_templates import CHAT_TEMPLATES
+
+    g = service.admit()
+    tok = g.tokenizer
+    token = lambda i: None if i is None or i < 0 else tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
+    return JSONResponse({"tokenizer_class": type(tok).__name__, "bos_token": token(tok.bos_id),
+                         "eos_token": token(tok.eos_id), "pad_token": token(tok.pad_id),
+                         "chat_template": CHAT_TEMPLATES.get(g.chat_format), "model_max_length": g.max_seq_len,
+                         "vocab_size": g.model.vocab_size})
+
+
 def _max_new(g: Llama, prompt_len: int, max_tokens: Optional[int], what: str) -> int:
     """max_tokens, or all the room left; 400 when the prompt and max_tokens overflow max_seq_len."""
     limit = g.max_seq_len
     if prompt_len >= limit:
-        raise invalid(f"the {what} is {prompt_len} tokens long: this model's context is max_seq_len={limit} tokens, "
-                      "with room for at least one new token; shorten it", what, code="context_length_exceeded")
+        raise invalid(f"the {what} is {prompt_len} tokens long: this model's context is max_seq_len={limit} tokens "
+                      "(the server's --max_seq_len), with room for at least one new token; shorten it", what,
+                      code="context_length_exceeded")
     if max_tokens is None:
         return limit - prompt_len
     if prompt_len + max_tokens > limit:
         raise invalid(f"the {what} is {prompt_len} tokens long and max_tokens={max_tokens}: together more than this "
-                      f"model's context of max_seq_len={limit} tokens; ask for at most {limit - prompt_len} tokens "
-                      f"or shorten the {what}", "max_tokens", code="context_length_exceeded")
+                      f"model's context of max_seq_len={limit} tokens (the server's --max_seq_len); ask for at most "
+                      f"{limit - prompt_len} tokens or shorten the {what}", "max_tokens",
+                      code="context_length_exceeded")
     return max_tokens
 
 
@@ -116,6 +177,15 @@ def _event(obj: dict) -> bytes:
 def finish_reason(reason: str) -> str:
     """The engine's reason in OpenAI's words: "stop", or "length" for any answer cut short."""
     return "stop" if reason == "stop" else "length"
+
+
+def _tool_calls(calls: List[tuple]) -> List[dict]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+            for name, args in calls]
+
+
+def _calls_in(text: str, tools: Optional[Tools]) -> Optional[List[tuple]]:
+    return None if tools is None else parse_tool_calls(text, tools.names)
 
 
 def _engine_error(watch: Watch, index: int) -> APIError:
@@ -158,32 +228,59 @@ class _Answer:
         choices = []
         for index, c in enumerate(completions):
             choice: Dict[str, object] = {"index": index}
+            reason = finish_reason(c.finish_reason)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
+                calls = _calls_in(c.text, self.sampling.tools)
+                choice["message"] = {"role": "assistant", "content": c.text} if calls is None else {
+                    "role": "assistant", "content": None, "tool_calls": _tool_calls(calls)}
+                reason = reason if calls is None else "tool_calls"
             else:
                 echo = self.texts[self._prompt_of(index)] if self.sampling.echo else ""
                 choice["text"] = echo + c.text
-            choice["logprobs"] = self._logprobs(c, c.prompt_tokens[-1:], c.tokens, c.logprobs, self.sampling.echo)
-            choice["finish_reason"] = finish_reason(c.finish_reason)
+            choice["logprobs"] = self._logprobs(c, c.prompt_tokens[-1:], c.tokens, c.logprobs, self.sampling.echo,
+                                                tops=c.request.token_top_logprobs)
+            choice["finish_reason"] = reason
             choices.append(choice)
         return {**self._head(self.kind), "choices": choices, "usage": self.usage(completions)}
 
     def _logprobs(self, c: Completion, context: List[int], tokens: List[int], logprobs: List[Optional[float]],
-                  echo: bool, offset: int = 0) -> Optional[dict]:
-        """The logprobs object of `tokens` (read after `context`), with the prompt's first if `echo`."""
+                  echo: bool, offset: int = 0, tops: Optional[list] = None) -> Optional[dict]:
+        """The logprobs object of `tokens` (read after `context`) with each one's alternatives `tops`, with the
+        prompt's first if `echo`."""
         if not self.sampling.logprobs:
             return None
+        tops = list(tops or [None] * len(tokens))
         if echo:
-            context, tokens, logprobs = [], c.prompt_tokens + tokens, [None] + c.prompt_logprobs + logprobs
-        strings = self._token_strings(context, tokens)
+            r = c.request
+            prompt_tops = [None] + r.prompt_top_logprobs if r.prompt_top_logprobs else [None] * len(c.prompt_tokens)
+            context, tokens = [], c.prompt_tokens + tokens
+            logprobs, tops = [None] + c.prompt_logprobs + logprobs, prompt_tops + tops
         if self.chat:
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                                for s, lp in zip(strings, logprobs)]}
+            return {"content": [{**self._alternative(t, lp), "top_logprobs": [self._alternative(a, p) for a, p in
+                                                                              alts or []]}
+                                for t, lp, alts in zip(tokens, logprobs, tops)]}
+        strings = self._token_strings(context, tokens)
         offsets = []
         for s in strings:
             offsets.append(offset)
             offset += len(s)
-        return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+        top = None if not self.sampling.params.top_logprobs else [
+            None if alts is None else {self._text(a): p for a, p in alts} for alts in tops]
+        return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _bytes(self, token: int) -> bytes:
+        return self.g.tokenizer.token_bytes(token)
+
+    def _text(self, token: int) -> str:
+        """A token's text; bytes that are not whole UTF-8 characters as OpenAI writes them ("bytes:\\xe4")."""
+        data = self._bytes(token)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def _alternative(self, token: int, logprob: float) -> dict:
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self._bytes(token))}
 
     def _token_strings(self, context: List[int], tokens: List[int]) -> List[str]:
         """Each token's text as it reads after the one before it (so SentencePiece's spaces stay)."""
@@ -228,16 +325,51 @@ class _Answer:
         text = (self.texts[self._prompt_of(change.index)] if echo else "") + delta.text
         logprobs = None
         if self.sampling.logprobs and (delta.tokens or echo):
-            logprobs = self._logprobs(c, state.context, delta.tokens, delta.logprobs, echo, state.offset)
+            logprobs = self._logprobs(c, state.context, delta.tokens, delta.logprobs, echo, state.offset,
+                                      tops=delta.top_logprobs)
             if delta.tokens:
                 state.context = delta.tokens[-1:]
             if not self.chat:
                 state.offset += sum(len(s) for s in logprobs["tokens"])
         reason = None if change.finish_reason is None else finish_reason(change.finish_reason)
+        if self.chat and self.sampling.tools is not None:
+            return self._tool_chunk(change.index, state, text, logprobs, reason)
         if not text and logprobs is None and reason is None:
             return None
         body = {"delta": {"content": text} if text or reason is None else {}} if self.chat else {"text": text}
         return {"index": change.index, **body, "logprobs": logprobs, "finish_reason": reason}
+
+    def _tool_chunk(self, index: int, state: "_ChoiceState", text: str, logprobs: Optional[dict],
+                    reason: Optional[str]) -> Optional[dict]:
+        """A chat chunk where the answer may be tool calls: held back while it may be one; then streamed as
+        text, or sent whole as tool_calls when the answer ends."""
+        state.held += text
+        if logprobs is not None:
+            state.held_logprobs += logprobs["content"]
+        if state.mode is None:  # undecided: a call starts with "{" (or Llama's <|python_tag|>)
+            head = state.held.lstrip()
+            if self.sampling.tools.choice != "auto" or head.startswith(PYTHON_TAG) or head.startswith("{"):
+                state.mode = "call" if head or self.sampling.tools.choice != "auto" else None
+            elif head:
+                state.mode = "text"
+        if state.mode == "call" and reason is not None:
+            calls = parse_tool_calls(state.held, self.sampling.tools.names)
+            if calls is not None:
+                deltas = [{"index": k, **call} for k, call in enumerate(_tool_calls(calls))]
+                return {"index": index, "delta": {"tool_calls": deltas}, "finish_reason": "tool_calls",
+                        "logprobs": self._held_logprobs(state)}
+        if state.mode == "text" or reason is not None:  # not a call: what was held, as text
+            text, state.held = state.held, ""
+            logprobs = self._held_logprobs(state)
+            if not text and logprobs is None and reason is None:
+                return None
+            return {"index": index, "delta": {"content": text} if text or reason is None else {},
+                    "logprobs": logprobs, "finish_reason": reason}
+        return None
+
+    def _held_logprobs(self, state: "_ChoiceState") -> Optional[dict]:
+        held, state.held_logprobs = state.held_logprobs, []
+        return {"content": held} if self.sampling.logprobs and held else None
 
 
 class _ChoiceState:
@@ -247,3 +379,6 @@ class _ChoiceState:
         self.started = False
         self.context = context  # the token before the next delta's, to read its text after
         self.offset = 0  # text_offset of the next token
+        self.mode: Optional[str] = None  # with tools: "call" or "text" once the answer shows which it is
+        self.held = ""  # with tools: text not yet sent
+        self.held_logprobs: List[dict] = []

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Optional
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
 from llama.serve import api
@@ -79,9 +79,8 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         guard.check(request)
-        engine = None if service.llama is None else service.llama.engine
-        return PlainTextResponse(service.metrics.render(engine, service.model_name),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        body, content_type = service.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -103,6 +102,20 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _answer(service, request, guard, "body",
                              lambda body: api.chat_completions(service, request, body))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await _answer(service, request, guard, "body", lambda body: api.tokenize(service, body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await _answer(service, request, guard, "body", lambda body: api.detokenize(service, body))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        async def info(body):
+            return api.tokenizer_info(service)
+        return await _answer(service, request, guard, None, info)
 
     async def unknown(request: Request) -> Response:
         """Paths under /v1 that no route serves, and methods a route does not take: OpenAI's 404 and 405."""
@@ -197,7 +210,9 @@ def _check_model(service: Service, name) -> None:
 
 
 def _model_card(service: Service) -> dict:
-    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "llama"}
+    """OpenAI's model object, with the context length as vLLM reports it (`max_model_len`)."""
+    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "llama",
+            "max_model_len": service.max_seq_len}
 
 
 async def _models(service: Service) -> Response:

@@ -34,6 +34,7 @@ from starlette.responses import Response
 
 from llama.chat_format import strip_reserved_tags
 from llama.serve.errors import APIError, failure_message
+from llama.sampling import SamplingParams
 from llama.serve.params import Sampling
 from llama.serve.service import Service
 
@@ -45,10 +46,10 @@ MAX_HISTORY = 1000  # messages of a chat the page takes: far more than fit any c
 _NO_FILES = ("/gradio_api/upload", "/gradio_api/deep_link")  # Gradio routes that write files
 
 
-def _sampling(seed: Optional[float], temperature: float, top_p: float) -> Sampling:
-    return Sampling(max_tokens=None, temperature=float(temperature), top_p=float(top_p), top_k=0,
-                    seed=None if seed is None else int(seed), stop=[], n=1, stream=True, include_usage=False,
-                    logprobs=False)
+def _sampling(seed: Optional[float], temperature: float, top_p: float, repetition_penalty: float = 1.0) -> Sampling:
+    return Sampling(SamplingParams(temperature=float(temperature), top_p=float(top_p),
+                                   repetition_penalty=float(repetition_penalty),
+                                   seed=None if seed is None else int(seed)), stream=True)
 
 
 def _fail(e: Exception) -> gr.Error:

@@ -40,7 +40,7 @@ class Service:
         self.created = int(time.time())
         self.llama: Optional[Llama] = None  # None while loading, and until its engine serves
         self._loaded: Optional[Llama] = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name)
         self.failure: Optional[BaseException] = None  # why the engine stopped on its own
         self.stopping = False
         self.on_failure: List[Callable[[], None]] = []  # e.g. ending the HTTP server
@@ -64,6 +64,7 @@ class Service:
         while not serving.wait(timeout=0.1):
             if self.failure is not None or self.stopping:
                 return
+        self.metrics.engine = llama.engine
         self.llama = llama
 
     def _serve(self, llama: Llama, on_ready) -> None:
@@ -117,8 +118,7 @@ class Service:
         def submit(i: int, k: int) -> Callable[[Callable[[], None]], Completion]:
             seed = None if sampling.seed is None else sampling.seed + i * n + k
             return lambda on_change: g.submit(
-                prompts[i], max_new[i], sampling.temperature, sampling.top_p, top_k=sampling.top_k,
-                stop=sampling.stop or None, logprobs=sampling.logprobs, echo=sampling.echo, seed=seed,
+                prompts[i], max_new[i], seed=seed, echo=sampling.echo, params=sampling.params,
                 decode_after=decode_after, max_waiting=self.max_queue, on_change=on_change)
 
         try:
@@ -130,10 +130,21 @@ class Service:
         except EngineStopped:
             raise APIError(503, "the server is shutting down", code="shutting_down") from None
         except (ValueError, TypeError) as e:
-            raise invalid(str(e)) from None
+            raise invalid(str(e), _param_of(str(e))) from None
         with self._watches_lock:
             self._watches.add(watch)
         return watch
 
     def _finished(self, c: Completion) -> None:
         self.metrics.ttft(c.ttft)
+
+
+def _param_of(message: str) -> Optional[str]:
+    """The request field a library error is about, from how its message begins."""
+    for start, param in (("logit_bias", "logit_bias"), ("stop", "stop"), ("prompt", "prompt"),
+                         ("the json_schema", "response_format"), ("the json_object", "response_format"),
+                         ("the regex", "response_format"), ("the lark", "response_format"),
+                         ("the gbnf", "response_format"), ("the constraint", "response_format")):
+        if message.startswith(start):
+            return param
+    return None
