@@ -13,17 +13,17 @@ What is kept is the factors, this rank's slices, in the model's dtype: the adapt
 as it was (float, int8, int4, fairscale's: whatever module it is, it is called as it is) and the
 factors of every adapter slot, stacked. For input x and each row's slot (0: no adapter):
 
-    h = x @ down.T                           (..., S)  every slot's A at once (the embedding: down's rows)
-    h = h * (owner == the row's slot)        only the row's own slot's columns
-    y = base(x) + concat_p(h_p @ up_p)       one matmul per fused part (q/k/v, gate/up): B times the scaling
+    h = x @ down.T                       (..., S)  every slot's A at once (the embedding: rows of down)
+    h = h * (owner == the row's slot)    only the row's own slot's columns
+    y = base(x) + h @ up                 B, times the scaling: one batched matmul over the fused parts
 
-`down` stacks each slot's A rows (r per slot and part) and `up_p` the B.T rows of part p, so a slot costs
-its adapter's own size. The cost of a step grows with the slots and their ranks, not with how many
-adapters the batch mixes, and the shapes stay the same as adapters come and go within the slots there
-are: a compiled decode step keeps its graphs. Only new slots (or a higher rank) reallocate, after which
-the runner compiles again. Row-parallel layers (wo, w2) hold their ranks' columns of A and add up h
-across ranks (r numbers a token) before B; column-parallel ones their rows of B; the embedding and the
-output layer, whose outputs are gathered, the whole factors.
+A slot takes its adapter's own rows (its rank) in each layer, so it costs the adapter's own size, and
+the cost of a step grows with the loaded ranks, not with how many adapters the batch mixes. The shapes
+stay the same as adapters come and go within the slots there are: a compiled decode step keeps its
+graphs; only a new slot (or a larger rank in one) reallocates, after which the runner compiles again.
+Row-parallel layers (wo, w2) hold their rank's columns of A and sum h across ranks (r numbers a token)
+before B; column-parallel ones their rows of B; the embedding and the output layer, whose outputs are
+gathered, the whole factors.
 
 **How rows reach the layers.** The runner passes each row's slot as one more argument of the model's
 forward (`adapters`, (B,) long; None when no row of the step uses an adapter, and then nothing extra
