@@ -94,9 +94,8 @@ class Llama:
         prompt) reuses that prefix's keys and values. A step prefills at most `prefill_chunk` prompt
         tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora);
         `adapters` ({name: folder}) are PEFT LoRA adapters loaded unmerged, each request choosing one by name
-        (see `load_adapter`).
-        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
-        stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
+        (see `load_adapter`). `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the
+        prompt format of chat_completion, stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
         in-features; layers none divides stay int8; see llama.quantize).
         """

@@ -2,10 +2,10 @@
 
 One forward serves prefill, decode and scoring, eagerly or compiled: tokens (B, T) at positions
 (B, T), and optionally each row's LoRA adapter (`adapters` (B,): see llama.adapters, which wraps the
-linears and the embedding to take it). Each layer's KV cache is a pool of blocks of `block_size` positions; row b writes its
-tokens' keys and values to the cache slots `slots` (B, T) (block * block_size + offset) and reads
-its keys through its block table (B, W): its positions j * block_size ... (j + 1) * block_size - 1
-live in block `block_table[b, j]`. Block 0 holds no sequence: tables are padded with it, and
+linears and the embedding to take it). Each layer's KV cache is a pool of blocks of `block_size`
+positions; row b writes its tokens' keys and values to the cache slots `slots` (B, T) (block *
+block_size + offset) and reads its keys through its block table (B, W): its positions j * block_size
+... (j + 1) * block_size - 1 live in block `block_table[b, j]`. Block 0 holds no sequence: tables are padded with it, and
 padding tokens write there.
 
 The model is built with plain linears; `llama.distributed.parallelize_` turns it into fairscale's

@@ -524,7 +524,8 @@ def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, round
             row[key.rstrip("0123456789")] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "tokens"}
         row["ratio"] = _ratios(samples, mixed.name, "base")
         # every row's adapter changed its tokens: the update really ran
-        row["rows_changed"] = sum(a != b for a, b in zip(samples[mixed.name][0]["tokens"], samples["base"][0]["tokens"]))
+        first = zip(samples[mixed.name][0]["tokens"], samples["base"][0]["tokens"])
+        row["rows_changed"] = sum(a != b for a, b in first)
         memory = adapter_memory(generator)
         row["memory"] = dict(slot_bytes_per_adapter=memory / loaded, adapter_own_bytes=statistics.mean(own[:loaded]),
                              ratio=memory / sum(own[:loaded]), base_weight_bytes=weight_bytes(generator.model))
@@ -541,7 +542,8 @@ def lora_table(report: dict) -> str:
              f"quantize={c['quantize']}  {c['rows']} rows  rank {c['lora_rank']} on every linear  prompt "
              f"{c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
              "",
-             "| adapters | base decode tok/s | mixed decode tok/s | mixed/base | slot MB per adapter | adapter's own MB |",
+             "| adapters | base decode tok/s | mixed decode tok/s | mixed/base | slot MB per adapter "
+             "| adapter's own MB |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["lora_mix"]:
         ratio, memory = row["ratio"]["decode_tok_s_total"], row["memory"]
