@@ -486,12 +486,12 @@ def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, round
     args = generator.model.params
     folder = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     name = Path(ckpt_dir).name
-    paths = [folder / f"{name}-lora-r{lora_rank}-{i}" for i in range(mixes[-1])]
+    paths = [folder / f"{name}-lora-r{lora_rank}-std0.05-{i}" for i in range(mixes[-1])]
     own = []  # each adapter's factors in the model's dtype
     for i, path in enumerate(paths):
         if not path.is_dir():
             progress(f"writing a random rank-{lora_rank} adapter to {path} (once)")
-            write_random_adapter(path, args, r=lora_rank, seed=i)
+            write_random_adapter(path, args, r=lora_rank, seed=i, std=0.05)
         from safetensors import safe_open
 
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
