@@ -468,10 +468,9 @@ def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, qua
 
 
 def adapter_memory(generator: Llama) -> int:
-    """Bytes the model's adapter slots take (every AdaptedLinear's factors)."""
+    """Bytes the model's adapter slots take (every AdaptedLinear's factors; its index tensors aside)."""
     layers = [m for m in generator.model.modules() if isinstance(m, AdaptedLinear)]
-    return sum(t.numel() * t.element_size() for m in layers for name, t in m.named_buffers(recurse=False)
-               if name != "owner")
+    return sum(t.numel() * t.element_size() for m in layers for t in (m.down, m.up))
 
 
 def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, rounds, compile, quantize, cache_dir,
