@@ -122,7 +122,8 @@ def _check_replaced(adapter: LoraAdapter, model: nn.Module, rank: int, world: in
         base = _base_weight(model, name)
         if base is None or not base.is_floating_point():
             raise CheckpointError(f"{adapter.weights}: it holds its own {name}, which cannot be checked against "
-                                  f"this model's quantized one: load the adapter on a float base, or {fix}")
+                                  f"this model's quantized or packed one: load the adapter on a float base, or "
+                                  f"{fix}")
         (r0, r1), cols = region(adapter.shapes[name], 1 if name == EMBEDDING else shard_dim(name), rank, world)
         step = max(1, (4 << 20) // base.shape[1])  # rows compared at a time
         if not all(_same(adapter, name, [(lo, min(lo + step, r1)), cols], base[lo - r0 : lo - r0 + step])

@@ -101,8 +101,7 @@ class Runner:
         copy to the device, and block tables (B, W)."""
         grid = self._tensor(inputs)
         B = grid.shape[1]
-        adapters = grid[3] if len(inputs) > 3 else None
-        return forward(grid[0].view(B, 1), grid[1].view(B, 1), grid[2].view(B, 1), self._tensor(tables), adapters)
+        return forward(grid[0].view(B, 1), grid[1].view(B, 1), grid[2].view(B, 1), self._tensor(tables), *grid[3:])
 
     def _prefill(self, rows: List[Row]) -> Optional[torch.Tensor]:
         T = max(len(r.tokens) for r in rows)
@@ -120,12 +119,13 @@ class Runner:
                 select.append((i, n - 1))
         tables = [_padded(r.block_table, width) for r in rows]
         grid = self._tensor([tokens, positions, slots])  # (3, R, T)
-        adapters = self._tensor([r.adapter for r in rows]) if any(r.adapter for r in rows) else None  # (R,)
-        h = self.model.hidden(grid[0], grid[1], grid[2], self._tensor(tables), adapters)
+        # each row's adapter slot (R,), passed only when some row has one: otherwise the calls are the base's
+        adapters = [self._tensor([r.adapter for r in rows])] if any(r.adapter for r in rows) else []
+        h = self.model.hidden(grid[0], grid[1], grid[2], self._tensor(tables), *adapters)
         if not select:
             return None
         index = self._tensor(select)  # (N, 2): (row, column)
-        return self.model.logits(h[index[:, 0], index[:, 1]], None if adapters is None else adapters[index[:, 0]])
+        return self.model.logits(h[index[:, 0], index[:, 1]], *[a[index[:, 0]] for a in adapters])
 
     def load_adapters(self, loads: List[LoadAdapter]) -> Dict[int, str]:
         """(every rank alike, between forwards) Copy each adapter into its slot: rank 0's opened ahead
