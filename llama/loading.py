@@ -18,7 +18,7 @@ from llama.hf import HFCheckpoint, is_hf_folder
 from llama.lora import open_adapter
 from llama.model import ModelArgs, Transformer
 from llama.numerics import all_finite
-from llama.quantize import describe, pack_int4_, plan, prepare_quantized_, quantize_model_
+from llama.quantize import describe, pack_int4_, pack_linears_, plan, prepare_quantized_, quantize_model_
 from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     takes its parts as rows), so loading holds one copy of the weights. `lora`, a PEFT adapter
     folder, is merged into each tensor as it is read (llama.lora), before any quantizing. `quantize`
     ("int8", "int4" with `group_size`) quantizes the loaded weights; a checkpoint from
-    scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel.
+    scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel,
+    and on CPU bf16 and int8 ones for fbgemm's (llama.quantize.pack_linears_).
     """
     tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
@@ -95,6 +96,8 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, m
     if quantize is not None:
         quantize_model_(model, layout)
     pack_int4_(model)
+    if device.type == "cpu":
+        pack_linears_(model)
     model.setup_cache(max_batch_size, max_seq_len, device, dtype)
     if compile:
         model.compile_()
