@@ -440,6 +440,9 @@ class Int4Linear(nn.Module):
 
 PACK_KINDS = ("fp16", "int8")
 _PACK_VALUES = 1 << 22  # weight values packed at a time: bounds a load's float32 temporaries
+# Smaller layers stay plain: fbgemm's cost per call (tens of microseconds: its activation quantizing,
+# its threads) outweighs what it saves in streaming under about a megabyte of weights.
+PACK_MIN_VALUES = 1 << 20
 _PACKED: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()  # key -> layer, for compile
 _KEYS = itertools.count()
 FP16_MAX = 65504.0
@@ -547,10 +550,13 @@ def packed_int8_linear(weight: torch.Tensor, scales: torch.Tensor, combine: Opti
     return PackedLinear(blocks, out_features, in_features, "int8", combine)
 
 
-def _fbgemm_missing() -> Optional[str]:
+FBGEMM_OPS = {"fp16": ("linear_prepack_fp16", "linear_dynamic_fp16"), "int8": ("linear_prepack", "linear_dynamic")}
+
+
+def _fbgemm_missing(kind: str) -> Optional[str]:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return "this torch build has no fbgemm (torch.backends.quantized.supported_engines)"
-    for op in ("linear_prepack_fp16", "linear_dynamic_fp16", "linear_prepack", "linear_dynamic"):
+    for op in FBGEMM_OPS[kind]:
         if not hasattr(torch.ops.quantized, op):
             return f"this torch build has no torch.ops.quantized.{op}"
     return None
@@ -560,7 +566,7 @@ def _fbgemm_missing() -> Optional[str]:
 def packed_kernel(kind: str) -> Tuple[bool, str]:
     """Whether `kind` packing is available here and, once per process, gives the plain path's result
     on a small random layer (several rows, two blocks); else False and why."""
-    missing = _fbgemm_missing()
+    missing = _fbgemm_missing(kind)
     if missing:
         return False, missing
     gen = torch.Generator().manual_seed(0)
@@ -599,18 +605,18 @@ def _pack_kind(layer: nn.Module) -> Optional[str]:
     return None
 
 
-def pack_linears_(model: nn.Module) -> Dict[str, int]:
+def pack_linears_(model: nn.Module, min_values: int = PACK_MIN_VALUES) -> Dict[str, int]:
     """Replace a loaded CPU model's bf16 and int8 linears by PackedLinear (see the module docstring),
     where fbgemm is here and agrees with the plain path; the count of each kind packed. Float32 and
     fp16 models keep their layers (float32's plain matmul already streams at the machine's read rate),
-    and so do int4 ones. Each plain layer goes as soon as its packed one replaces it, so the load
+    and so do int4 ones and layers of fewer than `min_values` weights. Each plain layer goes as soon as its packed one replaces it, so the load
     holds one copy of the weights and a block's temporaries."""
     places = [(parent, attr) for parent in model.modules() for attr, _ in parent.named_children()]
     counts: Dict[str, int] = {}
     usable: Dict[str, bool] = {}
     for parent, attr in places:
         kind = _pack_kind(getattr(parent, attr))
-        if kind is None:
+        if kind is None or getattr(parent, attr).weight.numel() < min_values:
             continue
         if kind not in usable:
             usable[kind], why = packed_kernel(kind)

@@ -13,7 +13,7 @@ from llama.checkpoint import full_shapes, linear_inputs, load_shard, write_check
 from llama.errors import CheckpointError
 from llama.hf import write_hf
 from llama.loading import open_checkpoint
-from llama.quantize import (CPUInt4Kernel, Int4Linear, dequantize_int4, int4_kernel, pack_nibbles, plan,
+from llama.quantize import (CPUInt4Kernel, Int4Linear, Int8Linear, dequantize_int4, int4_kernel, pack_nibbles, plan,
                             quantize_int4, quantize_state_dict, unpack_nibbles, weight_bytes)
 
 PROMPT = [1, 5, 9, 200, 31, 7, 64]
@@ -111,7 +111,7 @@ def test_int4_stories260k_quality(stories_ckpt, group_size, caplog):
     assert any(fallback in m for m in caplog.messages)
     ffn = q.model.layers[0].feed_forward
     assert isinstance(ffn.w13, Int4Linear) and ffn.w13.group_size == (group_size or 64) and ffn.w13.kernel.name == "cpu"
-    assert ffn.w2.kind == "int8" and isinstance(q.model.output, Int4Linear)  # int8: fbgemm's packed layer
+    assert isinstance(ffn.w2, Int8Linear) and isinstance(q.model.output, Int4Linear)
     agreement, ppl_ratio, _, _ = teacher_forced(ref, q, f"int4 (group size {group_size})")
     assert agreement >= 0.88
     assert abs(ppl_ratio - 1) <= 0.08

@@ -18,7 +18,7 @@ def _build(ckpt, **kwargs) -> Llama:
 def test_int8_stories260k_quality(stories_ckpt):
     """Teacher-forced on the float32 model's greedy story: top-1 agreement >= 97%, perplexity within 2%."""
     ref, q = _build(stories_ckpt), _build(stories_ckpt, quantize="int8")
-    assert q.model.layers[0].feed_forward.w13.kind == "int8"  # fbgemm's integer dot products
+    assert q.model.layers[0].feed_forward.w13.weight.dtype == torch.int8
     agreement, ppl_ratio, ref_logits, q_logits = teacher_forced(ref, q, "int8")
     assert agreement >= 0.97
     assert abs(ppl_ratio - 1) <= 0.02
@@ -44,8 +44,7 @@ def test_quantized_checkpoint_equals_quantize_at_load(tiny_ckpt, tmp_path):
     at_load = _build(tiny_ckpt, quantize="int8").model(tokens, 0)
     torch.testing.assert_close(_build(out).model(tokens, 0), at_load, atol=0, rtol=0)
     float_logits = _build(tiny_ckpt).model(tokens, 0)
-    # close, not equal: int8 weights, and on CPU activations quantized to 7 bits per row (fbgemm)
-    assert (at_load - float_logits).abs().max() < 0.03 * float_logits.abs().max()
+    assert (at_load - float_logits).abs().max() < 0.02 * float_logits.abs().max()  # close, not equal
 
 
 def test_quantize_errors(tiny_ckpt, tmp_path):
