@@ -45,6 +45,7 @@ import json as jsonlib
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import sys
 import threading
@@ -80,11 +81,14 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Path:
-    """Random weights of a named shape in `dtype`, written once (atomically) and reused."""
+def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path, tokenizer_path: Optional[str] = None) -> Path:
+    """Random weights of a named shape in `dtype`, written once (atomically) and reused; with
+    `tokenizer_path`, that tokenizer (in a folder of its own), else a small one trained here."""
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r} is not one of {sorted(SHAPES)}")
     out = cache_dir / f"{shape}-{str(dtype).removeprefix('torch.')}"
+    if tokenizer_path is not None:
+        return _with_tokenizer(synthetic_checkpoint(shape, dtype, cache_dir), Path(tokenizer_path))
     if out.is_dir():
         return out
     progress(f"writing random {shape} weights to {out} (once)")
@@ -99,6 +103,26 @@ def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Pat
         return write_checkpoint(out, params, state, tokenizer_path=tokenizer)
     finally:
         tokenizer.unlink(missing_ok=True)
+
+
+def _with_tokenizer(ckpt: Path, tokenizer: Path) -> Path:
+    """A folder beside `ckpt` whose files link to its weights and whose tokenizer.model is `tokenizer`."""
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"--tokenizer_path {tokenizer} does not exist")
+    import hashlib
+
+    digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12]
+    out = ckpt.with_name(f"{ckpt.name}-tok{digest}")
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in ckpt.iterdir():
+            if f.name != "tokenizer.model":
+                os.symlink(f.resolve(), tmp / f.name)
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        os.replace(tmp, out)
+    return out
 
 
 def _memory(field: str) -> int:
@@ -356,7 +380,7 @@ def _ratios(samples: Dict[str, list], a: str, b: str) -> Dict[str, Dict[str, flo
 
 
 def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str, threads: Optional[int],
-          cache_dir: Optional[str]) -> Tuple[str, torch.device, torch.dtype]:
+          cache_dir: Optional[str], tokenizer_path: Optional[str] = None) -> Tuple[str, torch.device, torch.dtype]:
     """The checkpoint to measure (a --shape's random weights written on first use), device and dtype."""
     if (ckpt_dir is None) == (shape is None):
         raise ValueError("pass exactly one of --ckpt_dir and --shape")
@@ -365,7 +389,8 @@ def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if shape is not None:
-        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
+                                            tokenizer_path))
     return ckpt_dir, torch_device, torch_dtype
 
 
@@ -373,14 +398,14 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
         quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
         threads: Optional[int] = None, seed: int = 0, device: str = "cpu", group_size: Optional[int] = None,
-        llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None) -> dict:
+        llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None) -> dict:
     modes = quantize_modes(quantize)
     if compare not in (None, "hf", "llamacpp"):
         raise ValueError(f"--compare {compare!r}: use 'hf' (transformers) or 'llamacpp'")
     batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     if compare == "llamacpp" and batches != [1]:
         raise ValueError("--compare llamacpp measures batch 1 (llama-bench decodes one sequence): pass --batch 1")
-    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
+    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir, tokenizer_path)
     build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
                         dtype=torch_dtype)
 
@@ -485,11 +510,16 @@ def run_llamacpp(ckpt_dir: str, runners: List["Ours"], modes: List[Optional[str]
     prompt = "Once upon a time"
     for runner, mode in zip(runners, modes):
         progress(f"greedy text, {runner.name} and llama.cpp {types[mode]}")
+        if runner.generator.tokenizer.n_words < runner.generator.model.vocab_size:
+            raise ValueError(f"the tokenizer has {runner.generator.tokenizer.n_words} pieces for a vocabulary of "
+                             f"{runner.generator.model.vocab_size}: greedy text from random weights needs one that covers "
+                             "it: pass --tokenizer_path (e.g. ../shared/assets/llama_tokenizer.model)")
         ours_text = runner.generator.text_completion([prompt], temperature=0, max_gen_len=32)[0]["generation"]
         theirs = lc.greedy_text(ggufs[mode], prompt, 32, threads)
         same = common_prefix(ours_text.strip(), theirs.strip())
         text[runner.name] = dict(same=ours_text.strip() == theirs.strip(), common_chars=same,
-                                 ours_chars=len(ours_text.strip()), llamacpp_chars=len(theirs.strip()))
+                                 ours_chars=len(ours_text.strip()), llamacpp_chars=len(theirs.strip()),
+                                 ours=ours_text, llamacpp=theirs)
 
     prompts = torch.randint(3, runners[0].generator.model.vocab_size, (1, prompt_len),
                             generator=torch.Generator().manual_seed(seed))
@@ -617,7 +647,7 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
          concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 128,
          group_size: Optional[int] = None, max_seq_len: Optional[int] = None, llamacpp: Optional[str] = None,
-         llamacpp_src: Optional[str] = None) -> None:
+         llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
     if concurrency is not None or prefill_gap is not None:
@@ -627,7 +657,8 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
         print(jsonlib.dumps(report, indent=2))
         return
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
-                 cache_dir, threads, device=device, group_size=group_size, llamacpp=llamacpp, llamacpp_src=llamacpp_src)
+                 cache_dir, threads, device=device, group_size=group_size, llamacpp=llamacpp, llamacpp_src=llamacpp_src,
+                 tokenizer_path=tokenizer_path)
     if "llamacpp" in report:
         print(jsonlib.dumps(report, indent=2) if json else llamacpp_table(report))
         return
