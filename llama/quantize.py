@@ -41,10 +41,13 @@ are; where fbgemm is missing or disagrees, the plain layers stay.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
+import mmap
 import logging
 import re
+import sys
 import warnings
 import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -60,6 +63,8 @@ from torch import nn
 from llama.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
@@ -443,6 +448,9 @@ _PACK_VALUES = 1 << 22  # weight values packed at a time: bounds a load's float3
 # Smaller layers stay plain: fbgemm's cost per call (tens of microseconds: its activation quantizing,
 # its threads) outweighs what it saves in streaming under about a megabyte of weights.
 PACK_MIN_VALUES = 1 << 20
+# fbgemm lays the in-features out in blocks of 512 (zeros after the last): a layer whose in-features
+# would grow by more than this fraction stays plain, as the padding is memory and streaming too.
+_K_BLOCK, _MAX_PADDING = 512, 0.05
 _PACKED: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()  # key -> layer, for compile
 _KEYS = itertools.count()
 FP16_MAX = 65504.0
@@ -484,9 +492,10 @@ class PackedLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """The packed weight's bytes (fbgemm pads them a little)."""
+        """The packed weight's bytes: fbgemm pads the in-features to a multiple of 512."""
         per_value = 2 if self.kind == "fp16" else 1
-        return self.out_features * self.in_features * per_value + (4 * self.out_features if self.kind == "int8" else 0)
+        padded = _round_up(self.in_features, _K_BLOCK)
+        return self.out_features * padded * per_value + (4 * self.out_features if self.kind == "int8" else 0)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, blocks={len(self.blocks)}"
@@ -531,22 +540,43 @@ def _(x: torch.Tensor, key: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], _PACKED[key].out_features)
 
 
-def packed_fp16_linear(weight: torch.Tensor, combine: Optional[str] = None,
-                       block_values: int = _PACK_VALUES) -> PackedLinear:
-    """A PackedLinear of float `weight` (out, in), packed `block_values` at a time (whole rows);
-    `weight` goes when the caller drops it."""
+def _drop_rows(weight: torch.Tensor, rows: slice) -> None:
+    """Hand the whole pages under `weight[rows]` back to the system (they read as zeros after): a
+    weight being packed gives up each block once it is packed, so the load never holds it twice."""
+    block = weight[rows]
+    if _libc is None or block.numel() == 0 or not weight.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    start = -(-block.data_ptr() // page) * page
+    end = (block.data_ptr() + block.numel() * block.element_size()) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def packed_fp16_linear(weight: torch.Tensor, combine: Optional[str] = None, block_values: int = _PACK_VALUES,
+                       consume: bool = False) -> PackedLinear:
+    """A PackedLinear of float `weight` (out, in), packed `block_values` at a time (whole rows). With
+    `consume`, each block of `weight` is given up (zeroed) once packed: for a weight nothing else holds."""
     out_features, in_features = weight.shape
     spans = _blocks(out_features, in_features, block_values)
     stage = torch.empty(spans[0][1] * in_features)  # float32 rows for the packing, made once
-    blocks = [pack_fp16(stage[: (b - a) * in_features].view(b - a, in_features).copy_(weight[a:b])) for a, b in spans]
+    blocks = []
+    for a, b in spans:
+        blocks.append(pack_fp16(stage[: (b - a) * in_features].view(b - a, in_features).copy_(weight[a:b])))
+        if consume:
+            _drop_rows(weight, slice(a, b))
     return PackedLinear(blocks, out_features, in_features, "fp16", combine)
 
 
 def packed_int8_linear(weight: torch.Tensor, scales: torch.Tensor, combine: Optional[str] = None,
-                       block_values: int = _PACK_VALUES) -> PackedLinear:
+                       block_values: int = _PACK_VALUES, consume: bool = False) -> PackedLinear:
     """A PackedLinear of int8 `weight` (out, in) and its per-output-channel `scales`, as packed_fp16_linear."""
     out_features, in_features = weight.shape
-    blocks = [pack_int8(weight[a:b], scales[a:b].float()) for a, b in _blocks(out_features, in_features, block_values)]
+    blocks = []
+    for a, b in _blocks(out_features, in_features, block_values):
+        blocks.append(pack_int8(weight[a:b], scales[a:b].float()))
+        if consume:
+            _drop_rows(weight, slice(a, b))
     return PackedLinear(blocks, out_features, in_features, "int8", combine)
 
 
@@ -609,14 +639,22 @@ def pack_linears_(model: nn.Module, min_values: int = PACK_MIN_VALUES) -> Dict[s
     """Replace a loaded CPU model's bf16 and int8 linears by PackedLinear (see the module docstring),
     where fbgemm is here and agrees with the plain path; the count of each kind packed. Float32 and
     fp16 models keep their layers (float32's plain matmul already streams at the machine's read rate),
-    and so do int4 ones and layers of fewer than `min_values` weights. Each plain layer goes as soon as its packed one replaces it, so the load
+    and so do int4 ones, layers of fewer than `min_values` weights and (unless min_values is 0, as tests
+    pass) layers whose in-features fbgemm would pad by more than 5%. Each plain layer goes as soon as its packed one replaces it, so the load
     holds one copy of the weights and a block's temporaries."""
     places = [(parent, attr) for parent in model.modules() for attr, _ in parent.named_children()]
+    storages: Dict[int, int] = {}  # storage address -> how many of the model's tensors use it
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
     counts: Dict[str, int] = {}
     usable: Dict[str, bool] = {}
     for parent, attr in places:
         kind = _pack_kind(getattr(parent, attr))
         if kind is None or getattr(parent, attr).weight.numel() < min_values:
+            continue
+        in_features = getattr(parent, attr).weight.shape[1]
+        if _round_up(in_features, _K_BLOCK) > (1 + _MAX_PADDING) * in_features and min_values > 0:
             continue
         if kind not in usable:
             usable[kind], why = packed_kernel(kind)
@@ -625,10 +663,11 @@ def pack_linears_(model: nn.Module, min_values: int = PACK_MIN_VALUES) -> Dict[s
         if not usable[kind]:
             continue
         layer = getattr(parent, attr)
+        own = storages.get(layer.weight.untyped_storage().data_ptr()) == 1  # not tied to another tensor
         if kind == "int8":
-            packed = packed_int8_linear(layer.weight, layer.scales, layer.combine)
+            packed = packed_int8_linear(layer.weight, layer.scales, layer.combine, consume=own)
         elif _fits_fp16(layer.weight):
-            packed = packed_fp16_linear(layer.weight, _combine(layer))
+            packed = packed_fp16_linear(layer.weight, _combine(layer), consume=own)
         else:
             log.info("packed linears: a bf16 layer holds values past fp16's %g and keeps the plain path", FP16_MAX)
             continue
