@@ -44,8 +44,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import mmap
 import logging
+import mmap
 import re
 import sys
 import warnings

@@ -405,6 +405,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
     if compare == "llamacpp" and batches != [1]:
         raise ValueError("--compare llamacpp measures batch 1 (llama-bench decodes one sequence): pass --batch 1")
+    anchor = _llamacpp(llamacpp, llamacpp_src) if compare == "llamacpp" else None  # a missing build fails first
     ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir, tokenizer_path)
     build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
                         dtype=torch_dtype)
@@ -426,7 +427,7 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     ours = runners[0]
     if compare == "llamacpp":
         report = run_llamacpp(ckpt_dir, runners, modes, torch_dtype, prompt_len, gen_len, rounds,
-                              Path(cache_dir) if cache_dir else DEFAULT_CACHE, llamacpp, llamacpp_src, seed)
+                              Path(cache_dir) if cache_dir else DEFAULT_CACHE, anchor, seed)
         report["load"], report["loads"] = loads[modes[0]], {m or "none": v for m, v in loads.items()}
         report["config"].update(shape=shape, compile=compile, group_size=group_size)
         return report
@@ -489,15 +490,20 @@ def streamed_bytes(model) -> int:
     return weight_bytes(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
 
-def run_llamacpp(ckpt_dir: str, runners: List["Ours"], modes: List[Optional[str]], dtype: torch.dtype,
-                 prompt_len: int, gen_len: int, rounds: int, cache_dir: Path, bin_dir: Optional[str],
-                 src_dir: Optional[str], seed: int) -> dict:
-    """Our modes against llama.cpp on the same weights, batch 1, alternating round by round (see the
-    module docstring)."""
+def _llamacpp(bin_dir: Optional[str], src_dir: Optional[str]):
+    """scripts/llamacpp.py's LlamaCpp for a build (the scripts folder is no package)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from llamacpp import GGUF_TYPES, LlamaCpp, common_prefix, hf_export
+    from llamacpp import LlamaCpp
 
-    lc = LlamaCpp(bin_dir, src_dir)
+    return LlamaCpp(bin_dir, src_dir)
+
+
+def run_llamacpp(ckpt_dir: str, runners: List["Ours"], modes: List[Optional[str]], dtype: torch.dtype,
+                 prompt_len: int, gen_len: int, rounds: int, cache_dir: Path, lc, seed: int) -> dict:
+    """Our modes against llama.cpp build `lc` on the same weights, batch 1, alternating round by round
+    (see the module docstring)."""
+    from llamacpp import GGUF_TYPES, common_prefix, hf_export
+
     float_name = {torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     name = Path(ckpt_dir).name
     progress(f"llama.cpp: {lc.bin}; our Hugging Face export of {ckpt_dir} and its GGUF files in {cache_dir}")
