@@ -354,6 +354,25 @@ def test_quantized_base(tiny_ckpt, refs, base_logits):
         g.load_adapter("patterns", refs["patterns"].path)
 
 
+def test_packed_base(tiny_ckpt, refs):
+    """Over fbgemm's packed int8 linears (llama.quantize.pack_linears_), the adapter's update is the same as
+    over the plain int8 ones, and a base row in the same batch is the packed base's own."""
+    from llama.quantize import PackedLinear, pack_linears_
+
+    plain = build(tiny_ckpt, quantize="int8", adapters={"all": refs["all"].path})
+    packed = build(tiny_ckpt, quantize="int8")
+    if pack_linears_(packed.model, min_values=0) != {"int8": 9}:
+        pytest.skip("fbgemm's packed int8 linears are not usable here")
+    packed.load_adapter("all", refs["all"].path)
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 9
+    tokens = TOKENS[:1].expand(2, -1)
+    want, got = adapter_logits(plain, tokens, [1, 0]), adapter_logits(packed, tokens, [1, 0])
+    tol = 0.03 * want.abs().max()
+    assert (got - want).abs().max() < tol
+    assert ((got[0] - got[1]) - (want[0] - want[1])).abs().max() < 2 * tol  # the update (two rows' packing errors)
+    assert torch.equal(got[1], logits(packed.model, TOKENS[:1])[0])
+
+
 @pytest.mark.slow
 def test_compiled_decode_with_adapters(tiny_ckpt, refs):
     """The compiled decode step takes adapter rows (a graph of its own), keeps its graphs when a load
