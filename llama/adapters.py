@@ -7,7 +7,8 @@ unsupported PEFT options refused by name, target modules and every factor's shap
 and one more rule: a tensor an adapter would replace whole cannot be shared by a batch, so
 `modules_to_save` is refused, and so is a saved embedding or lm_head that differs from the base's
 (PEFT saves an adapted one's base weights beside its factors: equal to the base's, they are ignored).
-What is kept is the factors, this rank's slices, in the model's dtype: the adapter's own size.
+What is kept is the factors, this rank's slices, in the dtype the update computes in (`factor_dtype`):
+the adapter's own size.
 
 **The layers.** Every linear of the model and its embedding become an `AdaptedLinear`: the base layer
 as it was (float, int8, int4, fairscale's: whatever module it is, it is called as it is) and the
@@ -82,7 +83,7 @@ def open_weights(path: str | os.PathLike, model: nn.Module) -> AdapterWeights:
     rank, world = model_parallel()
     adapter = LoraAdapter(path, model.params)
     _check_replaced(adapter, model, rank, world)
-    dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    device, dtype = model.norm.weight.device, factor_dtype(model)
     factors: Dict[str, Dict[int, Factors]] = {}
     for name, delta in adapter.deltas.items():
         layer, part = _layer_of(model, name)
@@ -96,6 +97,16 @@ def open_weights(path: str | os.PathLike, model: nn.Module) -> AdapterWeights:
         factors.setdefault(layer, {})[part] = (down.to(device, dtype).contiguous(), up.to(device, dtype).contiguous())
     ranks = sorted((layer, part, f[0].shape[0]) for layer, parts in factors.items() for part, f in parts.items())
     return AdapterWeights(str(path), factors, hashlib.sha256(repr(ranks).encode()).hexdigest())
+
+
+def factor_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype adapters' factors are held and their updates computed in: the activations', but float32 for
+    16-bit activations on a CPU, whose matmuls in bf16 or fp16 cost several times float32's (CPUs without
+    native 16-bit arithmetic convert them; the packed base layers compute in float32 too)."""
+    dtype = model.norm.weight.dtype
+    if model.norm.weight.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
 
 
 def _layer_of(model: nn.Module, name: str) -> Tuple[str, int]:
@@ -179,7 +190,8 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)
         if rows is None or not self.adapted:
             return y
-        h = F.embedding(x, self.down) if self.embedding else F.linear(x, self.down)  # (..., S): every slot's A
+        # (..., S): every slot's A, in the factors' dtype (float32 on a CPU for 16-bit activations)
+        h = F.embedding(x, self.down) if self.embedding else F.linear(x.to(self.down.dtype), self.down)
         if self.reduce:
             h = reduce_from_model_parallel_region(h)
         mine = rows.view(-1, *[1] * (h.dim() - 1)) == self.owner  # (B, ..., S): each row's own slot's columns
@@ -199,7 +211,7 @@ class AdaptedLinear(nn.Module):
                 else:
                     pieces.append(delta.new_zeros(*lead, out))
             delta = torch.cat(pieces, -1)
-        return y + delta
+        return y + delta.to(y.dtype)
 
     def _allocate(self, device, dtype) -> None:
         """Zeroed buffers for the current slots, ranks and adapted parts."""
@@ -273,7 +285,7 @@ def install_(model: nn.Module) -> Dict[str, AdaptedLinear]:
         return found
     rank, world = model_parallel()
     p = model.params
-    device, dtype = model.norm.weight.device, model.norm.weight.dtype  # the activations'
+    device, dtype = model.norm.weight.device, factor_dtype(model)
 
     def wrap(parent: nn.Module, attr: str, parts: List[int], inputs: int, **kind) -> None:
         setattr(parent, attr, AdaptedLinear(getattr(parent, attr), parts, inputs, device, dtype, **kind))

@@ -46,7 +46,8 @@ of every layer: target_modules "all-linear"), unmerged (llama.adapters), and dec
 rows (default 16) spread over them, row i with adapter i % N, against the same rows on the base alone,
 in alternating rounds: decode tok/s of each and the ratio mixed/base, median [min-max] over rounds. It
 also reports the adapters' memory: the bytes their slots take per adapter against each adapter's own
-factors in the model's dtype.
+factors in the dtype the slots hold them in (llama.adapters.factor_dtype: float32 on a CPU for a 16-bit
+model).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ from llama.hf import params_to_config
 from llama.distributed import resolve_device, resolve_dtype
 from llama.model import ModelArgs
 from llama.quantize import weight_bytes
-from llama.adapters import AdaptedLinear
+from llama.adapters import AdaptedLinear, factor_dtype
 from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer, write_random_adapter
 
 SHAPES = {
@@ -649,7 +650,8 @@ def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, round
     folder = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     name = Path(ckpt_dir).name
     paths = [folder / f"{name}-lora-r{lora_rank}-std0.05-{i}" for i in range(mixes[-1])]
-    own = []  # each adapter's factors in the model's dtype
+    held = factor_dtype(generator.model)  # float32 on a CPU for a 16-bit model
+    own = []  # each adapter's factors, in the dtype the slots hold them in
     for i, path in enumerate(paths):
         if not path.is_dir():
             progress(f"writing a random rank-{lora_rank} adapter to {path} (once)")
@@ -658,7 +660,7 @@ def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, round
 
         with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
             own.append(sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
-                       * torch_dtype.itemsize)
+                       * held.itemsize)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, args.vocab_size, (rows, prompt_len), generator=gen)
     base = Mixed(generator, "base", [None])
@@ -693,14 +695,15 @@ def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, round
                              ratio=memory / sum(own[:loaded]), base_weight_bytes=weight_bytes(generator.model))
         results.append(row)
     config = dict(ckpt_dir=ckpt_dir, shape=shape, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
-                  quantize=quantize, rows=rows, lora_rank=lora_rank, prompt_len=prompt_len, gen_len=gen_len,
+                  quantize=quantize, rows=rows, lora_rank=lora_rank, factor_dtype=str(held).removeprefix("torch."), prompt_len=prompt_len, gen_len=gen_len,
                   rounds=rounds, threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device))
     return dict(config=config, lora_mix=results)
 
 
 def lora_table(report: dict) -> str:
     c = report["config"]
-    lines = [f"{c['shape'] or c['ckpt_dir']}  {c['device']}  {c['dtype']}  compile={c['compile']}  "
+    lines = [f"{c['shape'] or c['ckpt_dir']}  {c['device']}  {c['dtype']} (adapters {c['factor_dtype']})  "
+             f"compile={c['compile']}  "
              f"quantize={c['quantize']}  {c['rows']} rows  rank {c['lora_rank']} on every linear  prompt "
              f"{c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
              "",

@@ -354,6 +354,18 @@ def test_quantized_base(tiny_ckpt, refs, base_logits):
         g.load_adapter("patterns", refs["patterns"].path)
 
 
+def test_a_bf16_model_on_a_cpu_computes_the_update_in_float32(tiny_ckpt, refs):
+    """16-bit matmuls are slow on CPUs: the factors are float32 there, the update is added in bf16, and the
+    result is as near peft's float32 model as the bf16 base is to the float32 one."""
+    g = build(tiny_ckpt, dtype="bf16", adapters={"all": refs["all"].path})
+    layers = [m for m in g.model.modules() if isinstance(m, AdaptedLinear)]
+    assert {m.down.dtype for m in layers} == {torch.float32} and g.model.norm.weight.dtype == torch.bfloat16
+    got = adapter_logits(g, TOKENS, [1, 1])
+    assert got.dtype == torch.float32  # the logits, as always
+    base_error = (logits(g.model, TOKENS) - logits(build(tiny_ckpt).model, TOKENS)).abs().max()
+    assert (got - refs["all"].logits).abs().max() < 2 * base_error
+
+
 def test_packed_base(tiny_ckpt, refs):
     """Over fbgemm's packed int8 linears (llama.quantize.pack_linears_), the adapter's update is the same as
     over the plain int8 ones, and a base row in the same batch is the packed base's own."""
