@@ -278,6 +278,13 @@ class StepChannel:
         dist.broadcast_object_list(box, src=self.src, group=self.group)
         return box[0]
 
+    def agree(self, error: Optional[str]) -> Optional[str]:
+        """(every rank of the group) This rank's error or None in; the first rank's error ("rank N: ...")
+        out, the same on every rank, or None if no rank has one."""
+        errors: List[Optional[str]] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(errors, error, group=self.group)
+        return next((f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None), None)
+
 
 def follow(channel: StepChannel, runner, apply: Callable[[Any], None]) -> bool:
     """(a rank above 0) One of rank 0's steps: receive its plan, run its forwards, hand its events to

@@ -16,6 +16,11 @@ Under model parallelism rank 0 decides: it sends each step's plan, then the step
 taken, requests ended) to the other ranks (llama.distributed.StepChannel), which run the same
 forwards and apply the same events to their own requests, if they made the same calls (SPMD), or
 serve rank 0's requests without requests of their own (`serve_forever`).
+
+LoRA adapters (llama.adapters) load between two steps: a load waits for the next step (or, with no
+step running, applies at once), which carries it to every rank before its forwards; the name is usable
+once every rank has it. A request holds its adapter's slot until it ends, so an unloaded (or reloaded)
+adapter's slot is reused only after its last request.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from llama.distributed import LOCATE, SHUTDOWN, StepChannel, follow, model_parallel
+from llama.adapters import AdapterTable, AdapterWeights, Entry, LoadAdapter
+from llama.distributed import LOCATE, SHUTDOWN, RankError, StepChannel, follow, model_parallel
 from llama.errors import LogitsError
 from llama.grammar import Grammars
 from llama.model import Transformer
@@ -65,6 +71,7 @@ class Request:
     text_context: Optional[List[int]] = None
     index: int = 0  # its row in the call that made it, for error messages
     follow: bool = False  # its caller waits for each new token (a stream), not only for the end
+    adapter: Optional[str] = None  # the name of the LoRA adapter it runs with (llama.adapters), None: the base
 
     # Filled in by the engine.
     id: int = -1
@@ -80,6 +87,7 @@ class Request:
     error: Optional[BaseException] = None
     cancelled: bool = False
     waiter: Optional[threading.Condition] = None
+    adapter_entry: Optional[Entry] = None  # the adapter it holds until it ends
     submitted_at: float = 0.0
     first_token_at: Optional[float] = None
 
@@ -100,6 +108,16 @@ class Request:
         self.finish_reason, self.error = reason, error
         if self.stream is not None:
             self.stream.finish()
+
+
+@dataclass(eq=False)
+class _PendingLoad:
+    """An adapter load waiting for a step boundary, and its outcome."""
+
+    load: LoadAdapter
+    entry: Entry
+    done: bool = False
+    error: Optional[str] = None
 
 
 @dataclass
@@ -142,6 +160,11 @@ class Engine:
         self.stats = Stats()
         self.mp_rank, self.mp_size = model_parallel()
         self.channel = StepChannel() if self.mp_size > 1 else None
+        self.adapters = AdapterTable()  # rank 0's (and, SPMD, every rank's) adapter names and slots
+        self._loads: List[_PendingLoad] = []  # for the next step
+        self._loaded = threading.Condition(self._lock)  # notified when loads are done
+        if self.channel is not None:
+            self.runner.agree = self.channel.agree
         self._count()
 
     # Calls from the API's threads.
@@ -173,9 +196,13 @@ class Engine:
             if max_waiting is not None and len(s.waiting) + len(requests) - free > max_waiting:
                 raise QueueFull(f"{len(s.waiting)} requests are already waiting (the limit is {max_waiting}): "
                                 "retry later")
+            entries = [None if r.adapter is None else self.adapters.lookup(r.adapter) for r in requests]
             now = time.perf_counter()
-            for r in requests:
+            for r, entry in zip(requests, entries):
                 r.id, r.waiter, r.submitted_at = next(self._ids), waiter, now
+                if entry is not None:
+                    r.adapter_entry = entry
+                    self.adapters.acquire(entry)
                 if r.text_context is not None:
                     r.stream = TextStream(self.tokenizer, r.text_context, r.params.stop)
                 self.stats.requests_submitted += 1
@@ -185,8 +212,9 @@ class Engine:
                     self._end(r, "length")  # nothing to compute
                     continue
                 if self.leader:
-                    s.add(Sequence(r.id, list(r.prompt), r.max_new, r.stop_ids, r.params.prompt_logprobs,
-                                        r.params, r.seed))
+                    s.add(Sequence(r.id, list(r.prompt), r.max_new, r.stop_ids, r.params.prompt_logprobs, r.params,
+                                   r.seed, cache_salt=b"" if entry is None else entry.salt,
+                                   adapter=0 if entry is None else entry.slot))
             self._wake.notify_all()
 
     def cancel(self, requests: List[Request]) -> None:
@@ -211,6 +239,53 @@ class Engine:
                         continue
                     self._start_driver()
                 waiter.wait(timeout=0.5)  # woken by each change of its requests; the timeout is a safety net
+
+    # LoRA adapters.
+
+    def load_adapter(self, name: str, weights: AdapterWeights) -> None:
+        """(under model parallelism every rank alike, unless rank 0 serves: then rank 0 alone) Load opened
+        adapter weights (llama.adapters.open_weights) into a free slot under `name`, between two steps, and
+        return once every rank has them. A name already loaded then names the new weights; requests that
+        use the old ones finish with them."""
+        with self._lock:
+            if self._stopped is not None:
+                raise EngineStopped(self._stopped)
+            entry = self.adapters.reserve(name, weights.path, weights.nbytes)
+            pending = _PendingLoad(LoadAdapter(entry.generation, entry.slot, weights.path, weights.signature), entry)
+            self.runner.prepared[pending.load.id] = weights
+            self._loads.append(pending)
+            while not pending.done:
+                if self._stopped is not None and pending in self._loads:
+                    self._loads.remove(pending)
+                    self._finish_loads([pending], {pending.load.id: self._stopped})
+                    raise EngineStopped(self._stopped)
+                if self._driver is None and not self._serving:  # no step runs, nor can start: load here
+                    loads, self._loads = self._loads, []
+                    self._finish_loads(loads, self.runner.load_adapters([p.load for p in loads]))
+                    continue
+                self._wake.notify_all()  # the driver takes it with its next step
+                self._loaded.wait(timeout=0.5)
+        if pending.error is not None:
+            raise RankError(f"adapter {name!r} from {weights.path} could not be loaded: {pending.error}")
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` at once (new requests for it are refused); its slot is freed once the
+        requests using it have ended."""
+        with self._lock:
+            self.adapters.unload(name)
+
+    def _finish_loads(self, loads: List[_PendingLoad], errors: Dict[int, str]) -> None:
+        """(lock held) Loads every rank has applied (or failed: `errors`): their names now mean them."""
+        for p in loads:
+            self.runner.prepared.pop(p.load.id, None)
+            p.error = errors.get(p.load.id)
+            if p.error is None:
+                self.adapters.activate(p.entry)
+            else:
+                self.adapters.discard(p.entry)
+            p.done = True
+        if loads:
+            self._loaded.notify_all()
 
     def pending(self) -> tuple:
         """(requests waiting to start, requests running)."""
@@ -321,20 +396,24 @@ class Engine:
         """(lock held) One step on rank 0: schedule, execute, update. False when there was nothing to run."""
         events = self._end_cancelled()
         plan = self.scheduler.schedule()
+        loads, self._loads = self._loads, []
         if plan is None:
-            if not events:
+            if not events and not loads:
                 return False
-            plan = Plan()  # nothing to run, but the other ranks learn of the cancellations
+            plan = Plan()  # nothing to run, but the other ranks learn of the cancellations and loads
         else:
             self.stats.steps += 1
+        plan.adapters = [p.load for p in loads]
         self._lock.release()
         try:
             output = self._execute(plan)
         except BaseException as e:
             self._lock.acquire()
+            self._finish_loads(loads, {p.load.id: f"{type(e).__name__}: {e}" for p in loads})
             self._step_failed(plan, e)
             return True
         self._lock.acquire()
+        self._finish_loads(loads, output.adapter_errors)
         events += self.scheduler.update(plan, output)
         self._apply(events)
         self._count()
@@ -411,6 +490,8 @@ class Engine:
         r.finish(reason, error)
         if self._requests.pop(r.id, None) is not None:
             self.stats.requests_finished += 1
+            if r.adapter_entry is not None:
+                self.adapters.release(r.adapter_entry)
         if r.waiter is not None:
             r.waiter.notify_all()
 

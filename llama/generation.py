@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
-from typing import Callable, Collection, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union
+from typing import (Callable, Collection, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, TypedDict,
+                    Union)
 
 import torch
 
+from llama.adapters import AdapterWeights, check_folder, check_name, open_weights
 from llama.chat_format import Dialog, Message, check_chat_format, check_chat_format_name, encode_dialog
 from llama.distributed import env_world_size, on_every_rank, resolve_device, resolve_dtype
 from llama.engine import Engine, Request
@@ -70,6 +73,7 @@ class Llama:
         group_size: Optional[int] = None,
         kv_cache_tokens: Optional[int] = None,
         prefix_cache: bool = True,
+        adapters: Optional[Dict[str, Union[str, os.PathLike]]] = None,
     ) -> "Llama":
         """Load a Meta-layout or Hugging Face checkpoint for this process's model-parallel rank.
 
@@ -88,9 +92,10 @@ class Llama:
         blocks as it grows; when it runs out, the newest request is preempted and recomputed later. With
         `prefix_cache`, a prompt that starts like an earlier one (a chat's history, a shared system
         prompt) reuses that prefix's keys and values. A step prefills at most `prefill_chunk` prompt
-        tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora).
-        `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the prompt format of chat_completion,
-        stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
+        tokens. `lora` is a PEFT LoRA adapter folder merged into the weights as they load (llama.lora);
+        `adapters` ({name: folder}) are PEFT LoRA adapters loaded unmerged, each request choosing one by name
+        (see `load_adapter`). `chat_format` ('llama2', 'llama3' or 'alpaca'; default: the tokenizer's) is the
+        prompt format of chat_completion, stream_chat and encode_dialog. `quantize` ("int8" or "int4") quantizes the weights as they load;
         `group_size` is int4's (32, 64, 128 or 256; default 128, or the largest that divides a layer's
         in-features; layers none divides stay int8; see llama.quantize).
         """
@@ -110,11 +115,21 @@ class Llama:
             check_positive_int("kv_cache_tokens", kv_cache_tokens)
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache={prefix_cache!r} must be True or False")
+        if adapters is not None:
+            if not isinstance(adapters, dict):
+                raise TypeError(f"adapters must be a dict of names to PEFT adapter folders, not "
+                                f"{type(adapters).__name__}")
+            for name, path in adapters.items():
+                check_name(name)
+                check_folder(path)
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp_size, device, dtype,
                                       compile=compile, quantize=quantize, lora=lora, group_size=group_size,
                                       kv_cache_tokens=kv_cache_tokens)
-        return Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format,
-                     prefix_cache=prefix_cache)
+        llama = Llama(model, tokenizer, seed=seed, prefill_chunk=prefill_chunk, chat_format=chat_format,
+                      prefix_cache=prefix_cache)
+        for name, path in (adapters or {}).items():
+            llama.load_adapter(name, path)
+        return llama
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, seed: int = 1, prefill_chunk: int = 128,
                  chat_format: Optional[str] = None, prefix_cache: bool = True):
@@ -135,6 +150,51 @@ class Llama:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
+    # LoRA adapters, unmerged.
+
+    def load_adapter(self, name: str, path: Union[str, os.PathLike]) -> None:
+        """Load the PEFT LoRA adapter folder `path` beside the base weights, unmerged, as `name`: requests
+        that pass adapter=name run with its update, requests for other adapters or for the base share their
+        batch (llama.adapters). The folder is checked as for merging (unsupported options refused by name,
+        target modules and shapes against this model); modules_to_save, which would replace base tensors,
+        is refused: merge such an adapter instead (`build(lora=...)`). Safe while requests run: the adapter
+        is opened here, then takes a slot between two steps. Loading a name again replaces it: requests
+        already running keep the old weights to their end. Under model parallelism, call it on every rank
+        alike, or, while serve_forever runs, on rank 0 alone (the other ranks open the folder too)."""
+
+        def check() -> AdapterWeights:
+            check_name(name)
+            return open_weights(check_folder(path), self.model)
+
+        previous = self._spmd_call
+        try:
+            weights = self._agreed(check, (name, str(path)), "adapter name or path")
+            self.engine.load_adapter(name, weights)
+        finally:
+            self._spmd_call = previous
+        log.info("adapter %r loaded from %s (%.1f MB)", name, path, weights.nbytes / 1e6)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter `name`: requests for it are refused from now on; its memory slot is freed (for
+        the next load to reuse) once the requests already using it have finished, which they do with it."""
+        previous = self._spmd_call
+        try:
+            self._agreed(lambda: self._check_adapter(name), name, "adapter name")
+            self.engine.unload_adapter(name)
+        finally:
+            self._spmd_call = previous
+
+    @property
+    def adapters(self) -> Dict[str, str]:
+        """The loaded adapters: {name: folder}."""
+        with self.engine.lock:
+            return {name: self.engine.adapters.by_name[name].path for name in self.engine.adapters.names()}
+
+    def _check_adapter(self, adapter: Optional[str]) -> None:
+        if adapter is not None:
+            with self.engine.lock:
+                self.engine.adapters.lookup(adapter)
+
     # Generation.
 
     def generate(
@@ -150,6 +210,7 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt until a stop token, a stop string, or `max_gen_len` new tokens (or
@@ -166,10 +227,14 @@ class Llama:
         min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({token id: bias}),
         top_logprobs (with logprobs: the most likely alternatives at each position) and constraint (a
         llama.sampling.Constraint: a JSON Schema, any JSON object, a regex or a grammar the text must match).
+
+        `adapter`, here and in every method below, names a LoRA adapter loaded with `load_adapter` to run
+        these prompts with (None: the base model); other requests, with other adapters or none, share the
+        batch.
         """
         contexts = prompt_tokens if stop else None  # stop strings need the text
         requests = self._start(prompt_tokens, contexts, max_gen_len, temperature, top_p, top_k, stop, stop_tokens,
-                               logprobs, echo, seed, sampling=sampling)
+                               logprobs, echo, seed, adapter=adapter, sampling=sampling)
         self._wait(requests)
         tokens = [(r.prompt if echo else []) + r.tokens for r in requests]
         if not logprobs:
@@ -189,12 +254,13 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> List[CompletionPrediction]:
         """Complete each prompt; the text ends before the first `stop` string, if any appears."""
         prompt_tokens = self._encode_prompts(prompts)
         requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
-                               stop, stop_tokens, logprobs, echo, seed, sampling=sampling)
+                               stop, stop_tokens, logprobs, echo, seed, adapter=adapter, sampling=sampling)
         self._wait(requests)
         return [self._prediction(r, logprobs, echo) for r in requests]
 
@@ -209,6 +275,7 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> "Stream":
         """`text_completion` as it happens: yields, after each decoding step that adds text, one
@@ -217,7 +284,7 @@ class Llama:
         this returns; closing the stream (or dropping it) frees their slots."""
         prompt_tokens = self._encode_prompts(prompts)
         requests = self._start(prompt_tokens, prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
-                               stop, stop_tokens, seed=seed, follow=True, sampling=sampling)
+                               stop, stop_tokens, seed=seed, follow=True, adapter=adapter, sampling=sampling)
         return Stream(self, requests)
 
     def chat_completion(
@@ -232,13 +299,15 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in `self.chat_format` (by default the tokenizer's: Llama 2's
         `[INST]` for SentencePiece, Llama 3's headers and <|eot_id|> for tiktoken)."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
-                               top_p, top_k, stop, stop_tokens, logprobs, seed=seed, sampling=sampling)
+                               top_p, top_k, stop, stop_tokens, logprobs, seed=seed, adapter=adapter,
+                               sampling=sampling)
         self._wait(requests)
         return [self._prediction(r, logprobs, False, role="assistant") for r in requests]
 
@@ -253,12 +322,14 @@ class Llama:
         stop: Stop = None,
         stop_tokens: Optional[Collection[int]] = None,
         seed: Optional[int] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> "Stream":
         """`chat_completion` as it happens, yielding like `stream`."""
         prompt_tokens = self._encode_dialogs(dialogs)
         requests = self._start(prompt_tokens, [[]] * len(prompt_tokens), self._gen_len(max_gen_len), temperature,
-                               top_p, top_k, stop, stop_tokens, seed=seed, follow=True, sampling=sampling)
+                               top_p, top_k, stop, stop_tokens, seed=seed, follow=True, adapter=adapter,
+                               sampling=sampling)
         return Stream(self, requests)
 
     def decode_continuation(self, context: List[int], tokens: List[int]) -> str:
@@ -272,16 +343,22 @@ class Llama:
 
     # Scoring.
 
-    def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> List[Score]:
+    def score_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+                     adapter: Optional[str] = None) -> List[Score]:
         """For each (context, continuation) pair of token lists: the continuation's summed
         log-probability given the context, and whether greedy decoding would produce it.
 
         Each pair is a request that prefills and samples nothing; under model parallelism every rank
         returns the same scores.
         """
-        seqs, starts = self._agreed(lambda: self._check_pairs(pairs), pairs, "pairs")
+        def check():
+            self._check_adapter(adapter)
+            return self._check_pairs(pairs)
+
+        seqs, starts = self._agreed(check, (pairs, adapter), "pairs")
         params = SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=True)
-        requests = [Request(prompt=s, params=params, max_new=0, index=i) for i, s in enumerate(seqs)]
+        requests = [Request(prompt=s, params=params, max_new=0, index=i, adapter=adapter)
+                    for i, s in enumerate(seqs)]
         self._submit(requests)
         self._wait(requests)
         scores = []
@@ -291,7 +368,7 @@ class Llama:
             scores.append(Score(float(lp.sum()), all(r.prompt_greedy[n - 1 :]), len(r.prompt) - n))
         return scores
 
-    def score(self, pairs: Sequence[Tuple[str, str]]) -> List[Score]:
+    def score(self, pairs: Sequence[Tuple[str, str]], adapter: Optional[str] = None) -> List[Score]:
         """`score_tokens` for (context, continuation) strings, as evaluation harnesses compute
         loglikelihood: the continuation's tokens are those of `context + continuation` after the
         tokens it shares with `context` alone (BOS first)."""
@@ -305,14 +382,14 @@ class Llama:
             head = self.tokenizer.encode(pair[0], bos=True, eos=False)
             n = next((k for k, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
             token_pairs.append((whole[:n], whole[n:]))
-        return self.score_tokens(token_pairs)
+        return self.score_tokens(token_pairs, adapter)
 
-    def perplexity(self, texts: Sequence[str]) -> List[float]:
+    def perplexity(self, texts: Sequence[str], adapter: Optional[str] = None) -> List[float]:
         """Per-text perplexity: exp of the mean negative log-probability of its tokens after BOS."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError("texts must be a list of strings")
         pairs = [([self.tokenizer.bos_id], self.tokenizer.encode(t, bos=False, eos=False)) for t in texts]
-        return [math.exp(-s.logprob / s.n_tokens) for s in self.score_tokens(pairs)]
+        return [math.exp(-s.logprob / s.n_tokens) for s in self.score_tokens(pairs, adapter)]
 
     # Serving.
 
@@ -333,6 +410,7 @@ class Llama:
         max_waiting: Optional[int] = None,
         on_change: Optional[Callable[[], None]] = None,
         params: Optional[SamplingParams] = None,
+        adapter: Optional[str] = None,
         **sampling,
     ) -> "Completion":
         """Queue one prompt and return at once: a `Completion` to iterate for its output as it comes, or
@@ -350,7 +428,7 @@ class Llama:
         context = list(prompt_tokens) if decode_after is None and isinstance(prompt_tokens, list) else decode_after
         requests = self._start([prompt_tokens], [context], max_gen_len, temperature, top_p, top_k, stop,
                                stop_tokens, logprobs, echo, seed, max_waiting=max_waiting, follow=True,
-                               on_change=on_change, sampling=sampling, params=params)
+                               on_change=on_change, sampling=sampling, params=params, adapter=adapter)
         return Completion(self, requests[0])
 
     def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -376,7 +454,7 @@ class Llama:
                logprobs: bool = False, echo: bool = False, seed: Optional[int] = None,
                max_waiting: Optional[int] = None, follow: bool = False,
                on_change: Optional[Callable[[], None]] = None, sampling: Optional[dict] = None,
-               params: Optional[SamplingParams] = None) -> List[Request]:
+               params: Optional[SamplingParams] = None, adapter: Optional[str] = None) -> List[Request]:
         """Check every argument (agreeing with the other ranks, under model parallelism, that they got the
         same, valid ones), then queue one request per prompt. A request decodes text after its context,
         or none where `contexts` is None. `sampling`: more SamplingParams fields (penalties, ...)."""
@@ -404,17 +482,19 @@ class Llama:
                                  f"[0, {vocab})")
             if params.constraint is not None:
                 self.engine.grammars.check(params.constraint)
+            self._check_adapter(adapter)
             return params, self._draw_seed() if seed is None else seed
 
         same = (prompt_tokens, max_gen_len, temperature, top_p, top_k, stop, stop_tokens, logprobs, echo, seed,
-                sorted(sampling.items(), key=lambda kv: kv[0]), given)
+                sorted(sampling.items(), key=lambda kv: kv[0]), given, adapter)
         params, base_seed = self._agreed(check, same, "prompts or sampling arguments")
         if params.stop:
             stop_matcher(params.stop)  # built here, not under the engine's lock, where the requests' streams find it
         stop_ids = self.tokenizer.stop_ids | params.stop_token_ids
         requests = [Request(prompt=list(p), params=params, max_new=min(max_gen_len, self.max_seq_len - len(p)),
                             seed=base_seed + i, stop_ids=stop_ids,
-                            text_context=None if contexts is None else list(contexts[i]), index=i, follow=follow)
+                            text_context=None if contexts is None else list(contexts[i]), index=i, follow=follow,
+                            adapter=adapter)
                     for i, p in enumerate(prompt_tokens)]
         self._submit(requests, max_waiting, on_change)
         return requests

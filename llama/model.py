@@ -1,10 +1,11 @@
 """The LLaMA transformer: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU.
 
 One forward serves prefill, decode and scoring, eagerly or compiled: tokens (B, T) at positions
-(B, T). Each layer's KV cache is a pool of blocks of `block_size` positions; row b writes its
-tokens' keys and values to the cache slots `slots` (B, T) (block * block_size + offset) and reads
-its keys through its block table (B, W): its positions j * block_size ... (j + 1) * block_size - 1
-live in block `block_table[b, j]`. Block 0 holds no sequence: tables are padded with it, and
+(B, T), and optionally each row's LoRA adapter (`adapters` (B,): see llama.adapters, which wraps the
+linears and the embedding to take it). Each layer's KV cache is a pool of blocks of `block_size`
+positions; row b writes its tokens' keys and values to the cache slots `slots` (B, T) (block *
+block_size + offset) and reads its keys through its block table (B, W): its positions j * block_size
+... (j + 1) * block_size - 1 live in block `block_table[b, j]`. Block 0 holds no sequence: tables are padded with it, and
 padding tokens write there.
 
 The model is built with plain linears; `llama.distributed.parallelize_` turns it into fairscale's
@@ -39,6 +40,12 @@ LIMITS = {
     "max_batch_size": (1, 1 << 20), "max_seq_len": (1, 1 << 22),
 }
 MAX_HIDDEN_DIM = 1 << 18
+
+
+def project(layer: nn.Module, x: torch.Tensor, adapters: Optional[torch.Tensor]) -> torch.Tensor:
+    """layer(x), plus, where `adapters` (B,) names each row's adapter slot, that adapter's low-rank update
+    (the layer is then a llama.adapters.AdaptedLinear)."""
+    return layer(x) if adapters is None else layer(x, adapters)
 
 
 def _check_positive_finite(name: str, value) -> None:
@@ -271,17 +278,17 @@ class Attention(nn.Module):
         self.cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor,
-                block_table: torch.Tensor) -> torch.Tensor:
+                block_table: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        heads = self.wqkv(x).view(B, T, H + 2 * Hkv, D)  # queries, keys, values of the local heads
+        heads = project(self.wqkv, x, adapters).view(B, T, H + 2 * Hkv, D)  # queries, keys, values of the local heads
         apply_rotary_emb_(heads[:, :, : H + Hkv], *rope)  # in place: the keys stay beside the values
         cache = self.cache
         # each token's keys and values into its slot: (B * T, 2 * Hkv, D) into (blocks * block_size, 2 * Hkv, D)
         cache.view(-1, 2 * Hkv, D).index_copy_(0, slots.reshape(-1), heads[:, :, H:].reshape(B * T, 2 * Hkv, D))
         kv = cache.index_select(0, block_table.reshape(-1)).view(B, -1, 2 * Hkv, D)  # (B, S, 2 * Hkv, D): each row's blocks in order
         keys, values = kv[:, :, :Hkv].transpose(1, 2), kv[:, :, Hkv:].transpose(1, 2)  # (B, Hkv, S, D) views
-        return self.wo(attend(heads[:, :, :H], keys, values, mask))
+        return project(self.wo, attend(heads[:, :, :H], keys, values, mask), adapters)
 
 
 class FeedForward(nn.Module):
@@ -298,9 +305,9 @@ class FeedForward(nn.Module):
         """Local output rows of the checkpoint tensors fused in w13, in order."""
         return {"w1": self.hidden_local, "w3": self.hidden_local}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
+        gate, up = project(self.w13, x, adapters).chunk(2, dim=-1)
+        return project(self.w2, F.silu(gate) * up, adapters)
 
 
 def _fuse_checkpoint_tensors(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -321,9 +328,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, rope, mask, slots, block_table) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, slots, block_table)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, rope, mask, slots, block_table, adapters=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, slots, block_table, adapters)
+        return h + self.feed_forward(self.ffn_norm(h), adapters)
 
 
 class Transformer(nn.Module):
@@ -412,35 +419,38 @@ class Transformer(nn.Module):
         return positions, slots, block_table[:, :width]
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-               block_table: torch.Tensor) -> torch.Tensor:
+               block_table: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim) for `tokens` (B, T) at `positions` (B, T), whose keys and
         values go to cache `slots` (B, T). A token attends to its row's keys at positions up to its own,
-        read through `block_table` (B, W): W blocks cover the furthest position of the row."""
+        read through `block_table` (B, W): W blocks cover the furthest position of the row. `adapters`
+        (B,): each row's adapter slot, 0 for none (llama.adapters); None: no row has one."""
         S = block_table.shape[1] * self.block_size
         rope = self.rope[positions].unsqueeze(2).unbind(3)  # cos and sin factors, (B, T, 1, D/2, 2) each
         visible = self.key_positions[:S] <= positions[..., None]  # (B, T, S): causal, by position
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        h = project(self.tok_embeddings, tokens, adapters)  # (B, T, dim)
         # added to the scores: made once here, where a boolean mask would be converted in every layer
         mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
         mask = mask.unsqueeze(1)  # (B, 1, T, S)
         for layer in self.layers:
-            h = layer(h, rope, mask, slots, block_table)
+            h = layer(h, rope, mask, slots, block_table, adapters)
         return self.norm(h)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (..., vocab_size) for final-norm hidden states (..., dim)."""
-        return self.output(h).float()
+    def logits(self, h: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Float32 logits (..., vocab_size) for final-norm hidden states (..., dim) (and, with `adapters`,
+        each row's adapter slot: (N,) for h (N, dim), (B,) for h (B, T, dim))."""
+        return project(self.output, h, adapters).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                block_table: torch.Tensor) -> torch.Tensor:
+                block_table: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (B, T, vocab_size) for every position of `tokens`; see `hidden`. Runs under
         inference mode: the result takes no part in autograd."""
-        return self.logits(self.hidden(tokens, positions, slots, block_table))
+        return self.logits(self.hidden(tokens, positions, slots, block_table, adapters), adapters)
 
 
 class CompiledForward:
-    """`Transformer.forward` compiled, one copy of its code per block-table width.
+    """`Transformer.forward` compiled, one copy of its code per block-table width (and per whether rows
+    have adapters).
 
     Dynamo keeps compiled graphs per code object, and recompiles one only so many times (its
     recompile_limit, 8 by default): a copy per width leaves each copy just the row buckets to hold.
@@ -450,15 +460,15 @@ class CompiledForward:
 
     def __init__(self, model: Transformer, options: Dict[str, object]):
         self.model, self.options = model, options
-        self.by_width: Dict[int, object] = {}
+        self.by_width: Dict[Tuple[int, bool], object] = {}
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 block_table: torch.Tensor) -> torch.Tensor:
-        width = block_table.shape[1]
+                 block_table: torch.Tensor, adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
+        width = (block_table.shape[1], adapters is not None)
         forward = self.by_width.get(width)
         if forward is None:
             code = Transformer.forward.__wrapped__.__code__.replace()  # the function inside inference_mode
             method = types.MethodType(types.FunctionType(code, globals(), "forward"), self.model)
             forward = torch.compile(method, fullgraph=True, dynamic=False, options=dict(self.options))
             self.by_width[width] = forward
-        return forward(tokens, positions, slots, block_table)
+        return forward(tokens, positions, slots, block_table, adapters)

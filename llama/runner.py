@@ -8,17 +8,22 @@ plan's Output on rank 0: each sampling row's next token, drawn with the row's ow
 generator, and the log-probabilities rows ask for. Everything comes from the plan; the runner keeps
 only what a sequence's sampling carries from step to step (its generator, its token counts for
 penalties, its grammar's parser state), by sequence id, until the plan says the sequence ended.
+
+A row may name a LoRA adapter slot (llama.adapters): the forwards then pass every row's slot to the
+model, which applies each row's adapter to that row alone. A plan may also carry adapter loads, which
+every rank applies before its forwards.
 """
 from __future__ import annotations
 
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from llama.adapters import AdaptedLinear, AdapterWeights, LoadAdapter, open_weights, put_
 from llama.grammar import Grammars
 from llama.model import Transformer
 from llama.numerics import first_nonfinite
@@ -51,13 +56,22 @@ class Runner:
         self.grammars = grammars
         self.states: Dict[int, _State] = {}
         self._grammar_thread: Optional[ThreadPoolExecutor] = None  # computes masks beside the forwards
+        self.prepared: Dict[int, AdapterWeights] = {}  # adapters opened ahead (by LoadAdapter.id), to load
+        self.adapter_errors: Dict[int, str] = {}  # of the last plan's loads
+        # Under model parallelism: (this rank's error or None) -> the first rank's error, agreed by every rank.
+        self.agree: Optional[Callable[[Optional[str]], Optional[str]]] = None
 
     # Every rank.
 
     @torch.inference_mode()
     def forward(self, plan: Plan) -> Logits:
         """Decode logits (decode rows, vocab) and prefill logits (the positions rows want, in row order:
-        each prompt-statistics position, then the last position of a sampling row)."""
+        each prompt-statistics position, then the last position of a sampling row). The plan's adapter
+        loads come first."""
+        self.adapter_errors = self.load_adapters(plan.adapters)
+        return self._forwards(plan)
+
+    def _forwards(self, plan: Plan) -> Logits:
         decode_logits = prefill_logits = None
         if plan.decode:
             decode_logits = self._decode(plan.decode)
@@ -78,13 +92,16 @@ class Runner:
             width = -(-kv_bucket(max(positions) + 1, self.max_seq_len) // self.block_size)
         tables = [_padded(r.block_table, width) for r in rows] + [[NULL_BLOCK] * width] * (B - len(rows))
         inputs = [[r.tokens[0] for r in rows], positions, [self._slot(r, 0) for r in rows]]
+        if any(r.adapter for r in rows):
+            inputs.append([r.adapter for r in rows])
         return self._run_decode(forward, [row + [0] * (B - len(rows)) for row in inputs], tables)[: len(rows), 0]
 
     def _run_decode(self, forward, inputs: List[List[int]], tables: List[List[int]]) -> torch.Tensor:
-        """Tokens, positions and slots (3, B), as views of one copy to the device, and block tables (B, W)."""
+        """Tokens, positions, slots and (a fourth row, if any) adapter slots (3 or 4, B), as views of one
+        copy to the device, and block tables (B, W)."""
         grid = self._tensor(inputs)
         B = grid.shape[1]
-        return forward(grid[0].view(B, 1), grid[1].view(B, 1), grid[2].view(B, 1), self._tensor(tables))
+        return forward(grid[0].view(B, 1), grid[1].view(B, 1), grid[2].view(B, 1), self._tensor(tables), *grid[3:])
 
     def _prefill(self, rows: List[Row]) -> Optional[torch.Tensor]:
         T = max(len(r.tokens) for r in rows)
@@ -102,11 +119,36 @@ class Runner:
                 select.append((i, n - 1))
         tables = [_padded(r.block_table, width) for r in rows]
         grid = self._tensor([tokens, positions, slots])  # (3, R, T)
-        h = self.model.hidden(grid[0], grid[1], grid[2], self._tensor(tables))
+        # each row's adapter slot (R,), passed only when some row has one: otherwise the calls are the base's
+        adapters = [self._tensor([r.adapter for r in rows])] if any(r.adapter for r in rows) else []
+        h = self.model.hidden(grid[0], grid[1], grid[2], self._tensor(tables), *adapters)
         if not select:
             return None
         index = self._tensor(select)  # (N, 2): (row, column)
-        return self.model.logits(h[index[:, 0], index[:, 1]])
+        return self.model.logits(h[index[:, 0], index[:, 1]], *[a[index[:, 0]] for a in adapters])
+
+    def load_adapters(self, loads: List[LoadAdapter]) -> Dict[int, str]:
+        """(every rank alike, between forwards) Copy each adapter into its slot: rank 0's opened ahead
+        (`prepared`), the other ranks' opened here. Under model parallelism the ranks agree first, and
+        none loads an adapter that any rank failed to open. Returns the failures by load id."""
+        errors: Dict[int, str] = {}
+        for load in loads:
+            weights, error = self.prepared.pop(load.id, None), None
+            if weights is None:
+                try:
+                    weights = open_weights(load.path, self.model)
+                    if weights.signature != load.signature:
+                        error = f"the adapter at {load.path} is not the one rank 0 opened (its ranks differ)"
+                except Exception as e:  # noqa: BLE001 - agreed on below, then reported by rank 0
+                    error = f"{type(e).__name__}: {e}"
+            if self.agree is not None:
+                error = self.agree(error)
+            if error is not None:
+                errors[load.id] = error
+                continue
+            if put_(self.model, load.slot, weights) and self.model.compiled is not None:
+                self.model.compile_()  # the adapter buffers changed shape: the graphs must be made again
+        return errors
 
     def _slot(self, row: Row, j: int) -> int:
         """The cache slot of the row's j-th token."""
@@ -127,7 +169,9 @@ class Runner:
             if row.params.penalized:
                 self._count(row)
         masks = self._start_masks(plan)
-        return self.sample(plan, *self.forward(plan), masks=masks)
+        output = self.sample(plan, *self.forward(plan), masks=masks)
+        output.adapter_errors = self.adapter_errors
+        return output
 
     def _start_masks(self, plan: Plan) -> Optional[Future]:
         rows = [r for r in plan.rows if r.sample and r.params.constraint is not None]
@@ -282,7 +326,7 @@ class Runner:
         (re-running the forwards writes the same values again), then zero what those rows wrote, and the
         padding block. Attention weighs a masked position by 0, but 0 x NaN is NaN: stale NaN in a block
         handed to another sequence later, or in the padding block, would poison it."""
-        where = first_nonfinite(self.model, lambda: self.forward(plan)) or "none in a module"
+        where = first_nonfinite(self.model, lambda: self._forwards(plan)) or "none in a module"
         blocks = {NULL_BLOCK}
         for row in plan.rows:
             if row.seq_id in failed:
@@ -300,11 +344,14 @@ class Runner:
         if self.model.compiled is None:
             return 0
         widths = sorted({-(-kv_bucket(n, self.max_seq_len) // self.block_size) for n in range(1, self.max_seq_len + 1)})
+        # with adapters loaded, the step with adapter rows too (a graph of its own)
+        variants = [3, 4] if any(isinstance(m, AdaptedLinear) for m in self.model.modules()) else [3]
         for width in widths:
             for rows in self.row_buckets:
-                with torch.inference_mode():  # inputs made as a step makes them, so that it finds the same graph
-                    self._run_decode(self.model.compiled, [[0] * rows] * 3, [[NULL_BLOCK] * width] * rows)
-        return len(widths) * len(self.row_buckets)
+                for n in variants:
+                    with torch.inference_mode():  # inputs made as a step makes them, so that it finds the same graph
+                        self._run_decode(self.model.compiled, [[0] * rows] * n, [[NULL_BLOCK] * width] * rows)
+        return len(widths) * len(self.row_buckets) * len(variants)
 
 
 def kv_bucket(n: int, max_seq_len: int) -> int:

@@ -44,6 +44,7 @@ class Sequence:
     params: Any = None  # the request's sampling settings, handed to the runner with each row
     seed: int = 0  # its sampling generator's seed
     cache_salt: bytes = b""  # sequences share cached blocks only with the same salt (e.g. one adapter)
+    adapter: int = 0  # the slot of its LoRA adapter in the model's layers, 0 for none (llama.adapters)
 
     prompt_len: int = 0
     computed: int = 0  # tokens whose keys and values are in the cache
@@ -81,16 +82,19 @@ class Row:
     stats_from: int = 0
     targets: List[int] = field(default_factory=list)
     history: Optional[List[int]] = None
+    adapter: int = 0
 
 
 @dataclass
 class Plan:
     """One step: a decode forward (one token per row) and a prefill forward (a chunk per row), and
-    the sequences that ended since the last plan (the runner forgets their generators)."""
+    the sequences that ended since the last plan (the runner forgets their generators). `adapters`:
+    LoRA adapters every rank loads into their slots before the forwards (llama.adapters.LoadAdapter)."""
 
     decode: List[Row] = field(default_factory=list)
     prefill: List[Row] = field(default_factory=list)
     finished: List[int] = field(default_factory=list)
+    adapters: List[Any] = field(default_factory=list)
 
     @property
     def rows(self) -> List[Row]:
@@ -119,11 +123,12 @@ class PromptStats:
 @dataclass
 class Output:
     """What the runner made of a plan, by sequence id: sampled tokens, prompt statistics, and rows
-    whose logits nothing could be sampled from (with the reason)."""
+    whose logits nothing could be sampled from (with the reason); and adapter loads that failed."""
 
     tokens: Dict[int, Sampled] = field(default_factory=dict)
     prompt_stats: Dict[int, PromptStats] = field(default_factory=dict)
     failed: Dict[int, str] = field(default_factory=dict)
+    adapter_errors: Dict[int, str] = field(default_factory=dict)  # by LoadAdapter.id: loads that failed
 
 
 @dataclass
@@ -328,7 +333,8 @@ class Scheduler:
         start = seq.computed
         tokens = seq.tokens[start : start + n]
         sample = start + n == len(seq.tokens) and seq.max_tokens > seq.generated
-        row = Row(seq.id, start, tokens, list(seq.blocks), sample, seq.params, seq.seed, seq.prompt_len)
+        row = Row(seq.id, start, tokens, list(seq.blocks), sample, seq.params, seq.seed, seq.prompt_len,
+                  adapter=seq.adapter)
         if started and getattr(seq.params, "penalized", False):
             row.history = seq.tokens[:start]
         if seq.prompt_stats and start < seq.prompt_len:

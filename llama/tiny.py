@@ -78,3 +78,34 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, num_shards: int = 1, seed: 
         return write_checkpoint(out, params, state, num_shards=num_shards, tokenizer_path=tok_tmp)
     finally:
         tok_tmp.unlink(missing_ok=True)
+
+
+def write_random_adapter(out_dir: str | os.PathLike, args: ModelArgs, r: int = 16, lora_alpha: float = 32.0,
+                         seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32) -> Path:
+    """A PEFT LoRA adapter folder on every linear of every layer (target_modules="all-linear") with random
+    factors, as PeftModel.save_pretrained lays it out: for benchmarks, without peft. Written to a
+    temporary name, then renamed."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from llama.hf import hf_name
+
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (rows, cols) in ((n, s) for n, s in full_shapes(args).items() if n.startswith("layers.") and len(s) == 2):
+        module = "base_model.model." + hf_name(name)[: -len(".weight")]
+        tensors[f"{module}.lora_A.weight"] = (torch.randn(r, cols, generator=gen) * std).to(dtype)
+        tensors[f"{module}.lora_B.weight"] = (torch.randn(rows, r, generator=gen) * std).to(dtype)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": "all-linear",
+              "bias": "none", "task_type": "CAUSAL_LM"}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -9,6 +9,8 @@
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --prefill_gap 400
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --quantize none,int8,int4 --gen_len 128 \
         --threads 1 --compare llamacpp --llamacpp ../anchors/llama.cpp-build/bin
+    python scripts/benchmark.py --shape stories260k --lora_mix 1,2,4 --compile
+    python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --lora_mix 4 --gen_len 16
     python scripts/benchmark.py --smoke            # tiny shape, a few tokens: seconds (CI runs it)
 
 A --shape gets random weights, written once to CACHE_DIR/<shape>-<dtype> (default
@@ -38,6 +40,14 @@ face), compares greedy text from one prompt (llama-simple), and alternates llama
 rounds, mode by mode: prefill and decode tok/s, ratios round by round, and for the decode the
 bytes each side streams per token times its tok/s over a read bandwidth measured each round
 (scripts/llamacpp.py, docs/performance.md).
+
+--lora_mix N (or N1,N2,...) loads N random PEFT adapters (rank --lora_rank, default 16, on every linear
+of every layer: target_modules "all-linear"), unmerged (llama.adapters), and decodes a batch of --batch
+rows (default 16) spread over them, row i with adapter i % N, against the same rows on the base alone,
+in alternating rounds: decode tok/s of each and the ratio mixed/base, median [min-max] over rounds. It
+also reports the adapters' memory: the bytes their slots take per adapter against each adapter's own
+factors in the dtype the slots hold them in (llama.adapters.factor_dtype: float32 on a CPU for a 16-bit
+model).
 """
 from __future__ import annotations
 
@@ -64,7 +74,8 @@ from llama.hf import params_to_config
 from llama.distributed import resolve_device, resolve_dtype
 from llama.model import ModelArgs
 from llama.quantize import weight_bytes
-from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer
+from llama.adapters import AdaptedLinear, factor_dtype
+from llama.tiny import TINY_PARAMS, random_state_dict, train_tokenizer, write_random_adapter
 
 SHAPES = {
     "tiny": {**TINY_PARAMS, "vocab_size": 512},
@@ -203,6 +214,24 @@ class Ours:
             c.wait()
         marks.append(max(c.request.first_token_at for c in submitted))
         return [c.tokens for c in submitted]
+
+
+class Mixed(Ours):
+    """Our greedy generate with row i running adapter `adapters[i % len(adapters)]` (None: the base)."""
+
+    def __init__(self, generator: Llama, name: str, adapters: List[Optional[str]]):
+        super().__init__(generator, name)
+        self.adapters = adapters
+
+    def generate(self, prompts: torch.Tensor, n: int, marks: List[float]) -> List[List[int]]:
+        # queued as `generate` queues them, without text (a random shape's ids go beyond its small tokenizer)
+        g = self.generator
+        requests = [r for i, p in enumerate(prompts.tolist())
+                    for r in g._start([p], None, n, 0.0, 1.0, 0, None, None, follow=True,
+                                      adapter=self.adapters[i % len(self.adapters)])]
+        g._wait(requests)
+        marks.append(max(r.first_token_at for r in requests))
+        return [r.tokens for r in requests]
 
 
 class HF:
@@ -602,6 +631,94 @@ def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, qua
     return report
 
 
+def adapter_memory(generator: Llama) -> int:
+    """Bytes the model's adapter slots take (every AdaptedLinear's factors; its index tensors aside)."""
+    layers = [m for m in generator.model.modules() if isinstance(m, AdaptedLinear)]
+    return sum(t.numel() * t.element_size() for m in layers for t in (m.down, m.up))
+
+
+def run_lora_mix(ckpt_dir, shape, dtype, mixes, rows, prompt_len, gen_len, rounds, compile, quantize, cache_dir,
+                 threads, device, lora_rank) -> dict:
+    """The --lora_mix report (see the module docstring)."""
+    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
+    mixes = sorted(int(n) for n in (mixes if isinstance(mixes, (list, tuple)) else [mixes]))
+    if mixes[0] < 1:
+        raise ValueError(f"--lora_mix {mixes[0]}: spread the rows over at least 1 adapter")
+    generator = Llama.build(ckpt_dir, os.path.join(ckpt_dir, "tokenizer.model"), max_seq_len=prompt_len + gen_len,
+                            max_batch_size=rows, device=device, dtype=torch_dtype, compile=compile, quantize=quantize)
+    args = generator.model.params
+    folder = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    name = Path(ckpt_dir).name
+    paths = [folder / f"{name}-lora-r{lora_rank}-std0.05-{i}" for i in range(mixes[-1])]
+    held = factor_dtype(generator.model)  # float32 on a CPU for a 16-bit model
+    own = []  # each adapter's factors, in the dtype the slots hold them in
+    for i, path in enumerate(paths):
+        if not path.is_dir():
+            progress(f"writing a random rank-{lora_rank} adapter to {path} (once)")
+            write_random_adapter(path, args, r=lora_rank, seed=i, std=0.05)
+        from safetensors import safe_open
+
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            own.append(sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+                       * held.itemsize)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, args.vocab_size, (rows, prompt_len), generator=gen)
+    base = Mixed(generator, "base", [None])
+    results = []
+    loaded = 0
+    for n in mixes:
+        while loaded < n:
+            generator.load_adapter(f"a{loaded}", paths[loaded])
+            loaded += 1
+        compiles = generator.compile_all()
+        if compiles:
+            progress(f"compiled the decode step for {compiles} buckets")
+        mixed = Mixed(generator, f"mix{n}", [f"a{i}" for i in range(n)])
+        runners = [base, mixed]
+        for runner in runners:
+            progress(f"lora_mix {n}: warm-up {runner.name}")
+            runner.generate(prompts, min(gen_len, 4), [])
+        samples: Dict[str, list] = {r.name: [] for r in runners}
+        for i in range(rounds):
+            for runner in runners:  # alternate, so drifting machine load hits both alike
+                progress(f"lora_mix {n}: round {i + 1}/{rounds} {runner.name}")
+                samples[runner.name].append(time_round(runner, prompts, gen_len, torch_device))
+        row = dict(adapters=n, rows=rows)
+        for key, rs in samples.items():
+            row[key.rstrip("0123456789")] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "tokens"}
+        row["ratio"] = _ratios(samples, mixed.name, "base")
+        # every row's adapter changed its tokens: the update really ran
+        first = zip(samples[mixed.name][0]["tokens"], samples["base"][0]["tokens"])
+        row["rows_changed"] = sum(a != b for a, b in first)
+        memory = adapter_memory(generator)
+        row["memory"] = dict(slot_bytes_per_adapter=memory / loaded, adapter_own_bytes=statistics.mean(own[:loaded]),
+                             ratio=memory / sum(own[:loaded]), base_weight_bytes=weight_bytes(generator.model))
+        results.append(row)
+    config = dict(ckpt_dir=ckpt_dir, shape=shape, dtype=str(torch_dtype).removeprefix("torch."), compile=compile,
+                  quantize=quantize, rows=rows, lora_rank=lora_rank, factor_dtype=str(held).removeprefix("torch."), prompt_len=prompt_len, gen_len=gen_len,
+                  rounds=rounds, threads=torch.get_num_threads(), torch=torch.__version__, device=str(torch_device))
+    return dict(config=config, lora_mix=results)
+
+
+def lora_table(report: dict) -> str:
+    c = report["config"]
+    lines = [f"{c['shape'] or c['ckpt_dir']}  {c['device']}  {c['dtype']} (adapters {c['factor_dtype']})  "
+             f"compile={c['compile']}  "
+             f"quantize={c['quantize']}  {c['rows']} rows  rank {c['lora_rank']} on every linear  prompt "
+             f"{c['prompt_len']}  gen {c['gen_len']}  {c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}",
+             "",
+             "| adapters | base decode tok/s | mixed decode tok/s | mixed/base | slot MB per adapter "
+             "| adapter's own MB |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in report["lora_mix"]:
+        ratio, memory = row["ratio"]["decode_tok_s_total"], row["memory"]
+        lines.append(f"| {row['adapters']} | {row['base']['decode_tok_s_total']:.1f} | "
+                     f"{row['mix']['decode_tok_s_total']:.1f} | {ratio['median']:.2f}x [{ratio['min']:.2f}-"
+                     f"{ratio['max']:.2f}] | {memory['slot_bytes_per_adapter'] / 1e6:.2f} | "
+                     f"{memory['adapter_own_bytes'] / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
 def _load_line(name: str, load: dict) -> str:
     return (f"load{name} {load['load_s']:.2f} s   weights {load['weight_bytes'] / 1e6:.1f} MB   "
             f"peak RSS growth / weight bytes: {load['load_peak_rss_over_weights']:.2f} after the load, "
@@ -644,9 +761,16 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
          concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 128,
          group_size: Optional[int] = None, max_seq_len: Optional[int] = None, llamacpp: Optional[str] = None,
-         llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None) -> None:
+         llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None, lora_mix=None,
+         lora_rank: int = 16) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
+    if lora_mix is not None:
+        rows = 16 if batch == 1 else int(batch)  # --batch 1 is the default: 16 rows unless asked otherwise
+        report = run_lora_mix(ckpt_dir, shape, dtype, lora_mix, rows, prompt_len, gen_len, rounds, compile, quantize,
+                              cache_dir, threads, device, lora_rank)
+        print(jsonlib.dumps(report, indent=2) if json else lora_table(report))
+        return
     if concurrency is not None or prefill_gap is not None:
         report = run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare,
                             cache_dir, threads, device, concurrency, prefill_gap, prefill_chunk, group_size,
