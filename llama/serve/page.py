@@ -77,13 +77,14 @@ def build_page(service: Service) -> gr.Blocks:
                        max_tokens: float = MAX_TOKENS) -> AsyncIterator[str]:
         """The prompt and its completion, as it grows."""
         try:
-            g = service.admit()
-            tokens = await asyncio.to_thread(g.tokenizer.encode, prompt or "", bos=True, eos=False)
-            room = g.max_seq_len - len(tokens)
-            if room < 1:
-                raise gr.Error(f"the prompt is {len(tokens)} tokens long: this model's context is "
-                               f"{g.max_seq_len} tokens; shorten it", print_exception=False)
-            watch = service.watch([tokens], _sampling(seed, temperature, top_p), [min(int(max_tokens), room)])
+            with await service.admit() as m:
+                g = m.llama
+                tokens = await asyncio.to_thread(g.tokenizer.encode, prompt or "", bos=True, eos=False)
+                room = g.max_seq_len - len(tokens)
+                if room < 1:
+                    raise gr.Error(f"the prompt is {len(tokens)} tokens long: this model's context is "
+                                   f"{g.max_seq_len} tokens; shorten it", print_exception=False)
+                watch = service.watch(m, [tokens], _sampling(seed, temperature, top_p), [min(int(max_tokens), room)])
         except (APIError, ValueError) as e:
             raise _fail(e) from None
         yield prompt or ""
@@ -94,17 +95,18 @@ def build_page(service: Service) -> gr.Blocks:
                    top_p: float = TOP_P, max_tokens: float = MAX_TOKENS) -> AsyncIterator[str]:
         """The assistant's answer to the conversation so far, as it grows."""
         try:
-            g = service.admit()
-            prompt = await asyncio.to_thread(chat_prompt, g, system, history, message, int(max_tokens))
-            room = g.max_seq_len - len(prompt)
-            watch = service.watch([prompt], _sampling(None, temperature, top_p), [min(int(max_tokens), room)],
-                                  decode_after=[])
+            with await service.admit() as m:
+                g = m.llama
+                prompt = await asyncio.to_thread(chat_prompt, g, system, history, message, int(max_tokens))
+                room = g.max_seq_len - len(prompt)
+                watch = service.watch(m, [prompt], _sampling(None, temperature, top_p), [min(int(max_tokens), room)],
+                                      decode_after=[])
         except (APIError, ValueError) as e:
             raise _fail(e) from None
         async for text in _growing(watch, ""):
             yield text
 
-    longest = service.max_seq_len - 1
+    longest = service.max_seq_len(service.default) - 1
     with _Page(title=f"llama: {service.model_name}", analytics_enabled=False) as page:
         gr.Markdown(f"## {service.model_name}")
         with gr.Tab("Completion"):
