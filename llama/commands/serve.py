@@ -25,7 +25,9 @@ A models file (--models) is TOML, a table per model under `models`; relative pat
     quantize = "int8"
     adapters = { sql = "/data/sql-lora" }   # unmerged LoRA adapters: requests for model "sql" or "tiny:sql"
 
-Each model takes MODEL_OPTIONS; the command's flags of those names are every model's defaults.
+A model takes ckpt_dir (required), tokenizer_path, dtype, quantize, group_size, lora (merged), adapters
+(unmerged), chat_format, max_seq_len, max_batch_size, kv_cache_tokens, prefix_cache, prefill_chunk, compile
+and seed; the command's flags of those names are every model's defaults.
 """
 import logging
 import os
@@ -236,28 +238,29 @@ def read_models_file(path: str) -> List[dict]:
         raise ValueError(f"models file {path}: it must hold a [models.NAME] table per model, and nothing else"
                          + (f" (found {', '.join(extra)})" if extra else ""))
     entries = []
+    kinds = {str: "string", int: "integer", bool: "boolean", dict: "table"}
     for name, options in data["models"].items():
-        where = f"models file {path}, model {name!r}"
+        where = f"models file {path}: models.{name}"  # TOML's dotted keys (which the error line keeps as they are)
         if not isinstance(options, dict):
-            raise ValueError(f"{where}: must be a table of options ([models.{name}] then ckpt_dir = ...)")
+            raise ValueError(f"{where} must be a table of options ([models.{name}] then ckpt_dir = ...)")
         unknown = sorted(set(options) - set(MODEL_OPTIONS))
         if unknown:
-            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}; a model takes "
-                             f"{', '.join(MODEL_OPTIONS)}")
+            flags = ", ".join(f"--{k}" for k in MODEL_OPTIONS if k != "adapters")
+            raise ValueError(f"{where}.{unknown[0]} is not an option of a model; a model takes those of the flags "
+                             f"{flags}, and adapters (a table of unmerged LoRA adapters)")
         if "ckpt_dir" not in options:
-            raise ValueError(f"{where}: ckpt_dir is missing (the model's checkpoint folder)")
+            raise ValueError(f"{where}.ckpt_dir is missing: the model's checkpoint folder")
         for key, value in options.items():
             kind = MODEL_OPTIONS[key]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"{where}: {key} must be a TOML {kind.__name__.replace('dict', 'table')}, not "
-                                 f"{value!r}")
+                raise ValueError(f"{where}.{key} must be a TOML {kinds[kind]}, not {value!r}")
         entry = {"name": name, **options, "adapters": dict(options.get("adapters", {}))}
         for key in ("ckpt_dir", "tokenizer_path", "lora"):
             if key in entry:
                 entry[key] = str(file.parent / entry[key])
         for adapter, folder in entry["adapters"].items():
             if not isinstance(folder, str):
-                raise ValueError(f"{where}: adapter {adapter!r} must be a folder path, not {folder!r}")
+                raise ValueError(f"{where}.adapters.{adapter} must be a folder path, not {folder!r}")
             entry["adapters"][adapter] = str(file.parent / folder)
         entries.append(entry)
     return entries
