@@ -42,13 +42,15 @@ _IDLE_POLL_S = 0.05  # how often a load waiting for room checks whether a model 
 @dataclass
 class ModelSpec:
     """How to build one model: Llama.build's keyword arguments, its unmerged LoRA adapters ({name: folder}),
-    and what is known before it loads: its context (max_seq_len) and the bytes it will hold (`estimate`)."""
+    what is known before it loads: its context (max_seq_len) and the bytes it will hold (`estimate`), and
+    a sentence for its users (`description`: e.g. that a demo model's text is gibberish)."""
 
     name: str
     build: Dict[str, object]
     adapters: Dict[str, str] = field(default_factory=dict)
     max_seq_len: int = 2048
     estimate: int = 0
+    description: str = ""
 
 
 class Lease:

@@ -41,6 +41,9 @@ from llama import cli
 
 log = logging.getLogger("llama.serve")
 DEMO_NAME = "llama-tiny-demo"
+DEMO_DESCRIPTION = ("This is a tiny demo model with random weights: its text is gibberish by design. To chat with a "
+                    "real model, start the server with --ckpt_dir and a checkpoint folder (e.g. one made by "
+                    "python -m llama.download stories15M).")
 # What each model of a models file may set (its own value of the command's flag of that name), with its type.
 MODEL_OPTIONS = {"ckpt_dir": str, "tokenizer_path": str, "dtype": str, "quantize": str, "group_size": int,
                  "lora": str, "adapters": dict, "chat_format": str, "max_seq_len": int, "max_batch_size": int,
@@ -189,7 +192,7 @@ def model_entries(ckpt_dir: Optional[str], model: Optional[List[str]], models: O
     if not entries:
         folder = ckpt_dir if ckpt_dir is not None else stack.enter_context(cli.checkpoint_or_demo(None))
         name = model_name if model_name is not None else Path(ckpt_dir).name if ckpt_dir else DEMO_NAME
-        entries.append({"name": name, "ckpt_dir": folder})
+        entries.append({"name": name, "ckpt_dir": folder, "demo": ckpt_dir is None})
     check_names([e["name"] for e in entries])
     for e in entries:
         e.setdefault("adapters", {})
@@ -278,7 +281,7 @@ def model_specs(entries: List[dict], defaults: dict, estimate: bool) -> list:
     mp = defaults["model_parallel_size"] or env_world_size()
     specs = []
     for e in entries:
-        build = {**defaults, **{k: v for k, v in e.items() if k not in ("name", "adapters")}}
+        build = {**defaults, **{k: v for k, v in e.items() if k not in ("name", "adapters", "demo")}}
         # Known before the model loads: /v1/models says it while the model loads, or before it ever does.
         build["max_seq_len"] = resolve_max_seq_len(build["max_seq_len"], checkpoint_context(build["ckpt_dir"]))
         ckpt = open_checkpoint(build["ckpt_dir"], mp) if e["adapters"] or estimate else None
@@ -289,7 +292,8 @@ def model_specs(entries: List[dict], defaults: dict, estimate: bool) -> list:
             dtype = resolve_dtype(build["dtype"], resolve_device(build["device"]))
             size = estimate_bytes(build["ckpt_dir"], build["max_seq_len"], build["max_batch_size"], mp, dtype,
                                   build["quantize"], build["group_size"], build["kv_cache_tokens"])
-        specs.append(ModelSpec(e["name"], build, dict(e["adapters"]), build["max_seq_len"], size))
+        specs.append(ModelSpec(e["name"], build, dict(e["adapters"]), build["max_seq_len"], size,
+                               DEMO_DESCRIPTION if e.get("demo") else ""))
     return specs
 
 

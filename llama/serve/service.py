@@ -96,6 +96,19 @@ class Service:
         """Every adapter served: {name: (base, folder)}."""
         return {adapter: (base, path) for base in self.pool.names for adapter, path in self.pool.adapters(base).items()}
 
+    def choices(self) -> List[str]:
+        """What a request may name: every model, then every adapter."""
+        return list(self.pool.names) + sorted(self.adapters())
+
+    def description(self, name) -> str:
+        """The sentence a model's users should read (a demo's gibberish), or ''."""
+        try:
+            base, _ = self.resolve(name)
+        except APIError:
+            return ""
+        spec = self.pool.spec(base)
+        return spec.description if spec is not None else ""
+
     def max_seq_len(self, base: str) -> int:
         g = self.pool.loaded().get(base)
         return g.max_seq_len if g is not None else self.pool.spec(base).max_seq_len
