@@ -4,13 +4,13 @@ library made for this: an Earley parser over the tokenizer's token trie, a token
 
 `Grammars` belongs to one tokenizer: `check` compiles a constraint when a request is submitted (a
 bad schema is refused then, naming the problem), `matcher` makes the per-row state the runner keeps,
-and `mask` fills the rows' bitmasks for one step and applies them to their logits.
+`fill` computes the rows' bitmasks for one step and `apply` masks their logits with them.
 """
 from __future__ import annotations
 
 import functools
 import json
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -94,20 +94,23 @@ class Grammars:
         llg = _llguidance()
         return llg.LLMatcher(self._ll_tokenizer, _grammar(constraint), log_level=0)
 
-    def mask(self, logits: torch.Tensor, rows: List[int], matchers: list) -> Optional[str]:
-        """Set to -inf, in place, the logits (R, V) of rows `rows` at every token their matcher refuses;
-        None, or an error if a matcher is stuck (its grammar allows nothing more)."""
+    def fill(self, matchers: list) -> Tuple[torch.Tensor, Optional[str]]:
+        """The next-token bitmask of each matcher's row (int32, (rows, ceil(V / 32))), and an error if a
+        matcher is stuck (its grammar allows nothing more). Runs beside the model's forward (Runner)."""
         llg = _llguidance()
-        bitmask = llg.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+        bitmask = llg.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
         for k, m in enumerate(matchers):
             llg.torch.fill_next_token_bitmask(m, bitmask, k)
             if m.is_error():
-                return m.get_error()
+                return bitmask, m.get_error()
+        return bitmask, None
+
+    def apply(self, logits: torch.Tensor, rows: List[int], bitmask: torch.Tensor) -> None:
+        """Set to -inf, in place, the logits (R, V) of rows `rows` at every token their bitmask rows refuse."""
         index = torch.tensor(rows, device=logits.device)
         part = logits[index]
-        llg.torch.apply_token_bitmask_inplace(part, bitmask.to(logits.device))
+        _llguidance().torch.apply_token_bitmask_inplace(part, bitmask.to(logits.device))
         logits[index] = part
-        return None
 
 
 # JSON on one line, as OpenAI's structured outputs read: whitespace between tokens only as ", " and ": "

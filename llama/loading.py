@@ -19,7 +19,7 @@ from llama.hf import HFCheckpoint, is_hf_folder
 from llama.lora import open_adapter
 from llama.model import BLOCK_SIZE, ModelArgs, Transformer
 from llama.numerics import all_finite
-from llama.quantize import describe, pack_int4_, plan, prepare_quantized_, quantize_model_
+from llama.quantize import describe, pack_int4_, pack_linears_, plan, prepare_quantized_, quantize_model_
 from llama.tokenizer import AnyTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
     takes its parts as rows), so loading holds one copy of the weights. `lora`, a PEFT adapter
     folder, is merged into each tensor as it is read (llama.lora), before any quantizing. `quantize`
     ("int8", "int4" with `group_size`) quantizes the loaded weights; a checkpoint from
-    scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel.
-    The KV cache holds `kv_cache_tokens` positions (see cache_blocks).
+    scripts/quantize.py is loaded as it is. int4 weights are then laid out for the device's kernel,
+    and on CPU bf16 and int8 ones for fbgemm's (llama.quantize.pack_linears_). The KV cache holds
+    `kv_cache_tokens` positions (see cache_blocks).
     """
     tokenizer_path = find_tokenizer(ckpt_dir, tokenizer_path)
     start = time.perf_counter()
@@ -131,6 +132,8 @@ def load_model(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: Option
     if quantize is not None:
         quantize_model_(model, layout)
     pack_int4_(model)
+    if device.type == "cpu":
+        pack_linears_(model)
     model.setup_cache(num_blocks, BLOCK_SIZE, args.max_seq_len, device, dtype)
     if compile:
         model.compile_()

@@ -22,12 +22,34 @@ int8 `NAME.weight` (out, in) int8 and `NAME.scales` (out,) float32; int4 `NAME.w
 uint8, two values a byte, the even input feature in the high nibble, and `NAME.group_scales`,
 `NAME.group_zeros` (out, in/group_size) float32. This module alone turns it into what the
 device's kernel takes (`pack_int4_`).
+
+Packed linears (`pack_linears_`, after loading, on CPU): a batch-1 decode step reads every weight
+once, so its speed is the rate at which a kernel streams weights. fbgemm, which x86 builds of torch
+carry behind torch.ops.quantized, streams them faster than the plain paths do on CPUs without bf16
+or int8 dot-product instructions of their own. Its weights are laid out once, at load, a block of
+rows at a time, each block replacing its part of the weight as it goes:
+- bf16 weights as fp16 (`linear_dynamic_fp16`: float32 activations and sums). Every bf16 value in
+  fp16's normal range (6.1e-5 to 65504) is an fp16 value too; smaller ones are rounded to fp16's
+  subnormal step, 2^-24. A layer with a value past 65504 stays as it is.
+- int8 weights with integer dot products (`linear_dynamic`): fbgemm quantizes a whole activation
+  tensor with one 7-bit scale and zero point (8 bits could overflow its 16-bit pair sums), so each
+  row is first divided by its own max |x| (under model parallelism, over every rank's part of the
+  row) and the result multiplied back, and a row that spans [-1, 1] fixes that scale: a row's
+  result depends on that row alone, not on the batch around it or on the number of ranks.
+Each kind is checked once per process against the plain path on a small layer, as the int4 kernels
+are; where fbgemm is missing or disagrees, the plain layers stay.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import itertools
 import logging
+import mmap
 import re
+import sys
+import warnings
+import weakref
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -41,6 +63,8 @@ from torch import nn
 from llama.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
@@ -417,6 +441,244 @@ class Int4Linear(nn.Module):
         return _combined(y.reshape(*x.shape[:-1], self.out_features), self.combine)
 
 
+# Packed CPU linears: fbgemm.
+
+PACK_KINDS = ("fp16", "int8")
+_PACK_VALUES = 1 << 22  # weight values packed at a time: bounds a load's float32 temporaries
+# Smaller layers stay plain: fbgemm's cost per call (tens of microseconds: its activation quantizing,
+# its threads) outweighs what it saves in streaming under about a megabyte of weights.
+PACK_MIN_VALUES = 1 << 20
+# fbgemm lays the in-features out in blocks of 512 (zeros after the last): a layer whose in-features
+# would grow by more than this fraction stays plain, as the padding is memory and streaming too.
+_K_BLOCK, _MAX_PADDING = 512, 0.05
+_PACKED: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()  # key -> layer, for compile
+_KEYS = itertools.count()
+FP16_MAX = 65504.0
+
+
+def _blocks(rows: int, cols: int, values: int) -> List[Tuple[int, int]]:
+    step = max(1, values // max(cols, 1))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def pack_fp16(weight: torch.Tensor) -> object:
+    """fbgemm's fp16 layout of a float weight (out, in)."""
+    return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+
+
+def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> object:
+    """fbgemm's layout of an int8 weight (out, in) with per-output-channel `scales`."""
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing still takes one
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch._make_per_channel_quantized_tensor(weight, scales.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+class PackedLinear(nn.Module):
+    """A linear whose weight fbgemm laid out at load, as blocks of output rows (TorchBind objects,
+    not tensors): `kind` "fp16" (a bf16 weight held as fp16) or "int8" (see the module docstring).
+    Outputs come back in the activations' dtype. `combine` as Int8Linear's."""
+
+    def __init__(self, blocks: List[object], out_features: int, in_features: int, kind: str,
+                 combine: Optional[str] = None):
+        super().__init__()
+        if kind not in PACK_KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {PACK_KINDS}")
+        self.blocks, self.kind, self.combine = blocks, kind, combine
+        self.out_features, self.in_features = out_features, in_features
+        self.key = next(_KEYS)
+        _PACKED[self.key] = self
+
+    @property
+    def nbytes(self) -> int:
+        """The packed weight's bytes: fbgemm pads the in-features to a multiple of 512."""
+        per_value = 2 if self.kind == "fp16" else 1
+        padded = _round_up(self.in_features, _K_BLOCK)
+        return self.out_features * padded * per_value + (4 * self.out_features if self.kind == "int8" else 0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, blocks={len(self.blocks)}"
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out) in x's dtype."""
+        if self.kind == "fp16":
+            xf = x.float()
+            ys = [torch.ops.quantized.linear_dynamic_fp16(xf, b) for b in self.blocks]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            return y.to(x.dtype)
+        row_max = x.abs().amax(-1, keepdim=True).float()  # (rows, 1)
+        if self.combine == "reduce" and fs_init.get_model_parallel_world_size() > 1:  # each rank holds part of a row
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=fs_init.get_model_parallel_group())
+        row_max.clamp_(min=torch.finfo(torch.float32).tiny)
+        # Every row divided by its max |x|, and one more row that spans [-1, 1]: fbgemm's one scale for
+        # the whole tensor is then the same at every call, so a row's result depends on that row alone.
+        xn = torch.cat([x.float() / row_max, self._span()], dim=0)
+        ys = [torch.ops.quantized.linear_dynamic(xn, b, True) for b in self.blocks]
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1))[:-1]
+        return y.mul_(row_max).to(x.dtype)
+
+    def _span(self) -> torch.Tensor:
+        span = torch.zeros(1, self.in_features)
+        span[0, 0], span[0, -1] = 1.0, -1.0
+        return span
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        # Compiled graphs cannot hold fbgemm's objects: they call the layer through an opaque op.
+        y = torch.ops.llama.packed_linear(flat, self.key) if torch.compiler.is_compiling() else self.mm(flat)
+        return _combined(y.view(*x.shape[:-1], self.out_features), self.combine)
+
+
+@torch.library.custom_op("llama::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, key: int) -> torch.Tensor:
+    return _PACKED[key].mm(x)
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, key: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _PACKED[key].out_features)
+
+
+def _drop_rows(weight: torch.Tensor, rows: slice) -> None:
+    """Hand the whole pages under `weight[rows]` back to the system (they read as zeros after): a
+    weight being packed gives up each block once it is packed, so the load never holds it twice."""
+    block = weight[rows]
+    if _libc is None or block.numel() == 0 or not weight.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    start = -(-block.data_ptr() // page) * page
+    end = (block.data_ptr() + block.numel() * block.element_size()) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def packed_fp16_linear(weight: torch.Tensor, combine: Optional[str] = None, block_values: int = _PACK_VALUES,
+                       consume: bool = False) -> PackedLinear:
+    """A PackedLinear of float `weight` (out, in), packed `block_values` at a time (whole rows). With
+    `consume`, each block of `weight` is given up (zeroed) once packed: for a weight nothing else holds."""
+    out_features, in_features = weight.shape
+    spans = _blocks(out_features, in_features, block_values)
+    stage = torch.empty(spans[0][1] * in_features)  # float32 rows for the packing, made once
+    blocks = []
+    for a, b in spans:
+        blocks.append(pack_fp16(stage[: (b - a) * in_features].view(b - a, in_features).copy_(weight[a:b])))
+        if consume:
+            _drop_rows(weight, slice(a, b))
+    return PackedLinear(blocks, out_features, in_features, "fp16", combine)
+
+
+def packed_int8_linear(weight: torch.Tensor, scales: torch.Tensor, combine: Optional[str] = None,
+                       block_values: int = _PACK_VALUES, consume: bool = False) -> PackedLinear:
+    """A PackedLinear of int8 `weight` (out, in) and its per-output-channel `scales`, as packed_fp16_linear."""
+    out_features, in_features = weight.shape
+    blocks = []
+    for a, b in _blocks(out_features, in_features, block_values):
+        blocks.append(pack_int8(weight[a:b], scales[a:b].float()))
+        if consume:
+            _drop_rows(weight, slice(a, b))
+    return PackedLinear(blocks, out_features, in_features, "int8", combine)
+
+
+FBGEMM_OPS = {"fp16": ("linear_prepack_fp16", "linear_dynamic_fp16"), "int8": ("linear_prepack", "linear_dynamic")}
+
+
+def _fbgemm_missing(kind: str) -> Optional[str]:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no fbgemm (torch.backends.quantized.supported_engines)"
+    for op in FBGEMM_OPS[kind]:
+        if not hasattr(torch.ops.quantized, op):
+            return f"this torch build has no torch.ops.quantized.{op}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def packed_kernel(kind: str) -> Tuple[bool, str]:
+    """Whether `kind` packing is available here and, once per process, gives the plain path's result
+    on a small random layer (several rows, two blocks); else False and why."""
+    missing = _fbgemm_missing(kind)
+    if missing:
+        return False, missing
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 160, generator=gen) * 0.05
+    x = torch.randn(3, 160, generator=gen) * torch.tensor([[1.0], [30.0], [0.01]])  # rows of other magnitudes
+    two_blocks = 160 * 64
+    try:
+        if kind == "fp16":
+            w = weight.bfloat16()
+            layer, expected = packed_fp16_linear(w, block_values=two_blocks), F.linear(x.bfloat16().float(), w.float())
+            got, tol = layer(x.bfloat16()).float(), 1e-2
+        else:
+            scales = absmax_scales(weight)
+            q = quantize_weight(weight, scales)
+            layer, expected = packed_int8_linear(q, scales, block_values=two_blocks), int8_linear(x, q, scales)
+            got, tol = layer(x), 3e-2  # 7-bit activations
+    except RuntimeError as e:
+        return False, f"fbgemm {kind} failed on this machine ({str(e).splitlines()[0]})"
+    err = ((got - expected).abs().amax(-1) / expected.abs().amax(-1)).max().item()  # per row: scales differ
+    if not err <= tol:
+        return False, f"fbgemm {kind} disagrees with the plain path in torch {torch.__version__} (error {err:.2g})"
+    return True, ""
+
+
+def _fits_fp16(weight: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(weight)  # no |w| temporary the size of the weight
+    return bool(lo >= -FP16_MAX) and bool(hi <= FP16_MAX)
+
+
+def _pack_kind(layer: nn.Module) -> Optional[str]:
+    """The packing a CPU layer takes: "int8", "fp16" (a bf16 float linear), or None."""
+    if isinstance(layer, Int8Linear) and layer.weight.device.type == "cpu":
+        return "int8"
+    if isinstance(layer, (nn.Linear, ColumnParallelLinear, RowParallelLinear)) and layer.weight.device.type == "cpu":
+        return "fp16" if layer.weight.dtype == torch.bfloat16 else None
+    return None
+
+
+def pack_linears_(model: nn.Module, min_values: int = PACK_MIN_VALUES) -> Dict[str, int]:
+    """Replace a loaded CPU model's bf16 and int8 linears by PackedLinear (see the module docstring),
+    where fbgemm is here and agrees with the plain path; the count of each kind packed. Float32 and
+    fp16 models keep their layers (float32's plain matmul already streams at the machine's read rate),
+    and so do int4 ones, layers of fewer than `min_values` weights and (unless min_values is 0, as tests
+    pass) layers whose in-features fbgemm would pad by more than 5%. Each plain layer goes as soon as its packed one replaces it, so the load
+    holds one copy of the weights and a block's temporaries."""
+    places = [(parent, attr) for parent in model.modules() for attr, _ in parent.named_children()]
+    storages: Dict[int, int] = {}  # storage address -> how many of the model's tensors use it
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
+    counts: Dict[str, int] = {}
+    usable: Dict[str, bool] = {}
+    for parent, attr in places:
+        kind = _pack_kind(getattr(parent, attr))
+        if kind is None or getattr(parent, attr).weight.numel() < min_values:
+            continue
+        in_features = getattr(parent, attr).weight.shape[1]
+        if _round_up(in_features, _K_BLOCK) > (1 + _MAX_PADDING) * in_features and min_values > 0:
+            continue
+        if kind not in usable:
+            usable[kind], why = packed_kernel(kind)
+            if not usable[kind]:
+                log.warning("packed linears: %s layers keep the plain path: %s", kind, why)
+        if not usable[kind]:
+            continue
+        layer = getattr(parent, attr)
+        own = storages.get(layer.weight.untyped_storage().data_ptr()) == 1  # not tied to another tensor
+        if kind == "int8":
+            packed = packed_int8_linear(layer.weight, layer.scales, layer.combine, consume=own)
+        elif _fits_fp16(layer.weight):
+            packed = packed_fp16_linear(layer.weight, _combine(layer), consume=own)
+        else:
+            log.info("packed linears: a bf16 layer holds values past fp16's %g and keeps the plain path", FP16_MAX)
+            continue
+        del layer
+        setattr(parent, attr, packed)  # the plain layer, and its weight, go now
+        counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        log.info("packed linears: %s", ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return counts
+
+
 # Whole models.
 
 def _combine(layer: nn.Module) -> Optional[str]:
@@ -526,4 +788,5 @@ def weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             tensors.update({id(t): t for t in module.buffers(recurse=False)})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed

@@ -12,6 +12,7 @@ penalties, its grammar's parser state), by sequence id, until the plan says the 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -49,6 +50,7 @@ class Runner:
         self.row_buckets = row_buckets(max_batch_size)
         self.grammars = grammars
         self.states: Dict[int, _State] = {}
+        self._grammar_thread: Optional[ThreadPoolExecutor] = None  # computes masks beside the forwards
 
     # Every rank.
 
@@ -117,16 +119,27 @@ class Runner:
     # Rank 0.
 
     def execute(self, plan: Plan) -> Output:
-        """The plan's forwards, then each sampling row's token and the prompt statistics asked for."""
+        """The plan's forwards, then each sampling row's token and the prompt statistics asked for. The
+        constrained rows' masks are computed in a thread of their own while the forwards run."""
         for seq_id in plan.finished:
             self.states.pop(seq_id, None)
         for row in plan.rows:
             if row.params.penalized:
                 self._count(row)
-        return self.sample(plan, *self.forward(plan))
+        masks = self._start_masks(plan)
+        return self.sample(plan, *self.forward(plan), masks=masks)
+
+    def _start_masks(self, plan: Plan) -> Optional[Future]:
+        rows = [r for r in plan.rows if r.sample and r.params.constraint is not None]
+        if not rows:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-grammar")
+        matchers = [self._matcher(r) for r in rows]
+        return self._grammar_thread.submit(lambda: ([r.seq_id for r in rows], *self.grammars.fill(matchers)))
 
     def sample(self, plan: Plan, decode_logits: Optional[torch.Tensor],
-               prefill_logits: Optional[torch.Tensor]) -> Output:
+               prefill_logits: Optional[torch.Tensor], masks: Optional[Future] = None) -> Output:
         output = Output()
         sampled: List[Tuple[Row, torch.Tensor]] = []  # (row, its logits)
         offset = 0  # into prefill_logits
@@ -143,11 +156,11 @@ class Runner:
                 sampled.append((row, prefill_logits[offset]))
                 offset += 1
         if sampled:
-            self._sample_rows(sampled, decode_logits, output)
+            self._sample_rows(sampled, decode_logits, output, masks)
         return output
 
     def _sample_rows(self, sampled: List[Tuple[Row, torch.Tensor]], decode_logits: Optional[torch.Tensor],
-                     output: Output) -> None:
+                     output: Output, masks: Optional[Future]) -> None:
         rows = [r for r, _ in sampled]
         params = [r.params for r in rows]
         only_decode = decode_logits is not None and len(sampled) == len(decode_logits)
@@ -155,7 +168,7 @@ class Runner:
         # Logits holding NaN or +inf, or nothing above -inf, are exactly those whose max is not finite
         # (max propagates NaN). Sampling must not see them; their rows fail.
         peak = logits.amax(dim=-1)
-        work = self._processed(logits, rows, output)
+        work = self._processed(logits, rows, output, masks)
         if any(p.temperature > 0 for p in params):
             work = work.masked_fill(~peak.isfinite()[:, None], 0.0)
         tokens = sample(work, [p.temperature for p in params], [p.top_p for p in params], [p.top_k for p in params],
@@ -174,7 +187,8 @@ class Runner:
             if matcher is not None and not matcher.consume_token(int(token)):
                 output.failed[row.seq_id] = f"the constraint refused token {int(token)}: {matcher.get_error()}"
 
-    def _processed(self, logits: torch.Tensor, rows: List[Row], output: Output) -> torch.Tensor:
+    def _processed(self, logits: torch.Tensor, rows: List[Row], output: Output,
+                   masks: Optional[Future]) -> torch.Tensor:
         """The logits sampling draws from: after each row's penalties, logit bias and grammar mask (a copy,
         where any applies; the model's own logits stay for the log-probabilities)."""
         penalized = [i for i, r in enumerate(rows) if r.params.penalized]
@@ -196,8 +210,9 @@ class Runner:
             work.index_put_((torch.tensor(i, device=work.device), torch.tensor(t, device=work.device)),
                             torch.tensor(b, device=work.device, dtype=work.dtype), accumulate=True)
         if constrained:
-            matchers = [self._matcher(rows[i]) for i in constrained]
-            error = self.grammars.mask(work, constrained, matchers)
+            seq_ids, bitmask, error = masks.result()
+            at = {seq_id: k for k, seq_id in enumerate(seq_ids)}
+            self.grammars.apply(work, constrained, bitmask[[at[rows[i].seq_id] for i in constrained]])
             if error is not None:
                 for i in constrained:
                     output.failed[rows[i].seq_id] = f"the constraint cannot go on: {error}"

@@ -7,6 +7,8 @@
     python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --batch 1,8 --device cuda --compile --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --concurrency 16 --gen_len 120 --compare hf
     python scripts/benchmark.py --ckpt_dir /tmp/stories260K --prefill_gap 400
+    python scripts/benchmark.py --shape tinyllama-1.1b --dtype bf16 --quantize none,int8,int4 --gen_len 128 \
+        --threads 1 --compare llamacpp --llamacpp ../anchors/llama.cpp-build/bin
     python scripts/benchmark.py --smoke            # tiny shape, a few tokens: seconds (CI runs it)
 
 A --shape gets random weights, written once to CACHE_DIR/<shape>-<dtype> (default
@@ -29,6 +31,13 @@ generation_config)` runs by default, and with its paged cache sized for the requ
 gives the engine a longer cache than the requests need (as a server has). --prefill_gap L streams 8 greedy requests
 and, once they decode, sends a prompt of L tokens: it reports the streams' gaps between tokens
 (median, p99) before and while that prompt is prefilled, a chunk per step.
+
+--compare llamacpp (batch 1) converts the same weights to GGUF (our Hugging Face export, then
+llama.cpp's convert_hf_to_gguf.py; llama-quantize --pure for Q8_0 and Q4_0, which int8 and int4
+face), compares greedy text from one prompt (llama-simple), and alternates llama-bench with our
+rounds, mode by mode: prefill and decode tok/s, ratios round by round, and for the decode the
+bytes each side streams per token times its tok/s over a read bandwidth measured each round
+(scripts/llamacpp.py, docs/performance.md).
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ import json as jsonlib
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import sys
 import threading
@@ -70,11 +80,14 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Path:
-    """Random weights of a named shape in `dtype`, written once (atomically) and reused."""
+def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path, tokenizer_path: Optional[str] = None) -> Path:
+    """Random weights of a named shape in `dtype`, written once (atomically) and reused; with
+    `tokenizer_path`, that tokenizer (in a folder of its own), else a small one trained here."""
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r} is not one of {sorted(SHAPES)}")
     out = cache_dir / f"{shape}-{str(dtype).removeprefix('torch.')}"
+    if tokenizer_path is not None:
+        return _with_tokenizer(synthetic_checkpoint(shape, dtype, cache_dir), Path(tokenizer_path))
     if out.is_dir():
         return out
     progress(f"writing random {shape} weights to {out} (once)")
@@ -89,6 +102,26 @@ def synthetic_checkpoint(shape: str, dtype: torch.dtype, cache_dir: Path) -> Pat
         return write_checkpoint(out, params, state, tokenizer_path=tokenizer)
     finally:
         tokenizer.unlink(missing_ok=True)
+
+
+def _with_tokenizer(ckpt: Path, tokenizer: Path) -> Path:
+    """A folder beside `ckpt` whose files link to its weights and whose tokenizer.model is `tokenizer`."""
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"--tokenizer_path {tokenizer} does not exist")
+    import hashlib
+
+    digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12]
+    out = ckpt.with_name(f"{ckpt.name}-tok{digest}")
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in ckpt.iterdir():
+            if f.name != "tokenizer.model":
+                os.symlink(f.resolve(), tmp / f.name)
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        os.replace(tmp, out)
+    return out
 
 
 def _memory(field: str) -> int:
@@ -338,7 +371,7 @@ def _ratios(samples: Dict[str, list], a: str, b: str) -> Dict[str, Dict[str, flo
 
 
 def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str, threads: Optional[int],
-          cache_dir: Optional[str]) -> Tuple[str, torch.device, torch.dtype]:
+          cache_dir: Optional[str], tokenizer_path: Optional[str] = None) -> Tuple[str, torch.device, torch.dtype]:
     """The checkpoint to measure (a --shape's random weights written on first use), device and dtype."""
     if (ckpt_dir is None) == (shape is None):
         raise ValueError("pass exactly one of --ckpt_dir and --shape")
@@ -347,19 +380,24 @@ def setup(ckpt_dir: Optional[str], shape: Optional[str], dtype: str, device: str
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if shape is not None:
-        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+        ckpt_dir = str(synthetic_checkpoint(shape, torch_dtype, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
+                                            tokenizer_path))
     return ckpt_dir, torch_device, torch_dtype
 
 
 def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str = "float32", batch=1,
         prompt_len: int = 16, gen_len: int = 64, rounds: int = 3, compile: bool = False,
         quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
-        threads: Optional[int] = None, seed: int = 0, device: str = "cpu", group_size: Optional[int] = None) -> dict:
+        threads: Optional[int] = None, seed: int = 0, device: str = "cpu", group_size: Optional[int] = None,
+        llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None) -> dict:
     modes = quantize_modes(quantize)
-    if compare not in (None, "hf"):
-        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
+    if compare not in (None, "hf", "llamacpp"):
+        raise ValueError(f"--compare {compare!r}: use 'hf' (transformers) or 'llamacpp'")
     batches = [int(b) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
-    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir)
+    if compare == "llamacpp" and batches != [1]:
+        raise ValueError("--compare llamacpp measures batch 1 (llama-bench decodes one sequence): pass --batch 1")
+    anchor = _llamacpp(llamacpp, llamacpp_src) if compare == "llamacpp" else None  # a missing build fails first
+    ckpt_dir, torch_device, torch_dtype = setup(ckpt_dir, shape, dtype, device, threads, cache_dir, tokenizer_path)
     build_kwargs = dict(max_seq_len=prompt_len + gen_len, max_batch_size=max(batches), device=device,
                         dtype=torch_dtype)
 
@@ -378,6 +416,12 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
         if compiles:
             progress(f"{runner.name}: compiled the decode step for {compiles} buckets")
     ours = runners[0]
+    if compare == "llamacpp":
+        report = run_llamacpp(ckpt_dir, runners, modes, torch_dtype, prompt_len, gen_len, rounds,
+                              Path(cache_dir) if cache_dir else DEFAULT_CACHE, anchor, seed)
+        report["load"], report["loads"] = loads[modes[0]], {m or "none": v for m, v in loads.items()}
+        report["config"].update(shape=shape, compile=compile, group_size=group_size)
+        return report
     if compare == "hf":
         progress("building transformers' LlamaForCausalLM on the same weights")
         runners.append(HF(hf_model(ckpt_dir, torch_dtype, torch_device)))
@@ -414,6 +458,125 @@ def run(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str 
     if len(modes) > 1:
         report["loads"] = {m or "none": v for m, v in loads.items()}
     return report
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, reps: int = 3) -> float:
+    """A STREAM-style read rate in GB/s at torch's thread count: the best of a float32 sum and a
+    matrix-vector product over a buffer far larger than the caches."""
+    buf = torch.ones(n_bytes // 4)
+    ones = torch.ones(1 << 12)
+    best = 0.0
+    for read in (lambda: buf.sum(), lambda: torch.mv(buf.view(-1, 1 << 12), ones)):
+        read()
+        for _ in range(reps):
+            start = time.perf_counter()
+            read()
+            best = max(best, n_bytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def streamed_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: the weights, of the token embedding one row."""
+    emb = model.tok_embeddings.weight
+    return weight_bytes(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def _llamacpp(bin_dir: Optional[str], src_dir: Optional[str]):
+    """scripts/llamacpp.py's LlamaCpp for a build (the scripts folder is no package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llamacpp import LlamaCpp
+
+    return LlamaCpp(bin_dir, src_dir)
+
+
+def run_llamacpp(ckpt_dir: str, runners: List["Ours"], modes: List[Optional[str]], dtype: torch.dtype,
+                 prompt_len: int, gen_len: int, rounds: int, cache_dir: Path, lc, seed: int) -> dict:
+    """Our modes against llama.cpp build `lc` on the same weights, batch 1, alternating round by round
+    (see the module docstring)."""
+    from llamacpp import GGUF_TYPES, common_prefix, hf_export
+
+    float_name = {torch.float32: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = Path(ckpt_dir).name
+    progress(f"llama.cpp: {lc.bin}; our Hugging Face export of {ckpt_dir} and its GGUF files in {cache_dir}")
+    hf_dir = hf_export(ckpt_dir, cache_dir / f"{name}-hf")
+    types = {mode: GGUF_TYPES[mode or float_name] for mode in modes}
+    ggufs = {mode: lc.gguf(hf_dir, cache_dir / f"{name}-gguf", t, GGUF_TYPES[float_name]) for mode, t in types.items()}
+    threads = torch.get_num_threads()
+
+    text = {}
+    prompt = "Once upon a time"
+    for runner, mode in zip(runners, modes):
+        progress(f"greedy text, {runner.name} and llama.cpp {types[mode]}")
+        if runner.generator.tokenizer.n_words < runner.generator.model.vocab_size:
+            raise ValueError(f"the tokenizer has {runner.generator.tokenizer.n_words} pieces for a vocabulary of "
+                             f"{runner.generator.model.vocab_size}: greedy text from random weights needs one that covers "
+                             "it: pass --tokenizer_path (e.g. ../shared/assets/llama_tokenizer.model)")
+        ours_text = runner.generator.text_completion([prompt], temperature=0, max_gen_len=32)[0]["generation"]
+        theirs = lc.greedy_text(ggufs[mode], prompt, 32, threads)
+        same = common_prefix(ours_text.strip(), theirs.strip())
+        text[runner.name] = dict(same=ours_text.strip() == theirs.strip(), common_chars=same,
+                                 ours_chars=len(ours_text.strip()), llamacpp_chars=len(theirs.strip()),
+                                 ours=ours_text, llamacpp=theirs)
+
+    prompts = torch.randint(3, runners[0].generator.model.vocab_size, (1, prompt_len),
+                            generator=torch.Generator().manual_seed(seed))
+    for runner in runners:
+        runner.generate(prompts, 4, [])  # warm-up
+    samples = {r.name: {"ours": [], "llamacpp": []} for r in runners}
+    bandwidth = []
+    for i in range(rounds):
+        progress(f"round {i + 1}/{rounds}: read bandwidth")
+        bandwidth.append(read_bandwidth())
+        for runner, mode in zip(runners, modes):
+            progress(f"round {i + 1}/{rounds}: {runner.name}, then llama.cpp {types[mode]}")
+            r = time_round(runner, prompts, gen_len, torch.device("cpu"))
+            samples[runner.name]["ours"].append(dict(prefill_tok_s=r["prefill_tok_s"], decode_tok_s=r["decode_tok_s_total"]))
+            samples[runner.name]["llamacpp"].append(lc.bench(ggufs[mode], threads, prompt_len, gen_len))
+    bw = statistics.median(bandwidth)
+    rows = []
+    for runner, mode in zip(runners, modes):
+        ours, theirs = samples[runner.name]["ours"], samples[runner.name]["llamacpp"]
+        ours_bytes = streamed_bytes(runner.generator.model)
+        their_bytes, their_types = lc.streamed_bytes(ggufs[mode])
+        row = dict(impl=runner.name, gguf=types[mode], gguf_tensor_bytes=their_types, text=text[runner.name],
+                   ours_bytes_per_token=ours_bytes, llamacpp_bytes_per_token=their_bytes)
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            row[key] = dict(ours=statistics.median(o[key] for o in ours),
+                            llamacpp=statistics.median(t[key] for t in theirs),
+                            ratio=_median_range([o[key] / t[key] for o, t in zip(ours, theirs)]))
+        decode = row["decode_tok_s"]
+        row["decode_gb_s"] = dict(ours=ours_bytes * decode["ours"] / 1e9, llamacpp=their_bytes * decode["llamacpp"] / 1e9)
+        row["decode_fraction_of_bandwidth"] = {k: v / bw for k, v in row["decode_gb_s"].items()}
+        rows.append(row)
+    config = dict(ckpt_dir=ckpt_dir, dtype=float_name, prompt_len=prompt_len, gen_len=gen_len, rounds=rounds,
+                  threads=threads, torch=torch.__version__, device="cpu", device_name="cpu",
+                  quantize=",".join(m or "none" for m in modes), llamacpp=str(lc.bin))
+    return dict(config=config, read_bandwidth_gb_s=dict(median=bw, rounds=bandwidth), llamacpp=rows)
+
+
+def llamacpp_table(report: dict) -> str:
+    c = report["config"]
+    bw = report["read_bandwidth_gb_s"]
+    lines = [f"{c['shape'] or c['ckpt_dir']}  {c['dtype']}  batch 1  prompt {c['prompt_len']}  gen {c['gen_len']}  "
+             f"{c['rounds']} rounds  {c['threads']} threads  torch {c['torch']}  llama.cpp {c['llamacpp']}",
+             f"read bandwidth {bw['median']:.1f} GB/s (median of the rounds: "
+             f"{', '.join(f'{b:.1f}' for b in bw['rounds'])})",
+             *(_load_line(f" ({name})", load) for name, load in report["loads"].items()),
+             "",
+             "| ours | llama.cpp | decode tok/s ours | llama.cpp | ours/llama.cpp | GB/s ours (% of read bw) | "
+             "llama.cpp | prefill tok/s ours | llama.cpp | ours/llama.cpp | greedy text |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report["llamacpp"]:
+        d, p, g, f = r["decode_tok_s"], r["prefill_tok_s"], r["decode_gb_s"], r["decode_fraction_of_bandwidth"]
+        t = r["text"]
+        same = "same" if t["same"] else f"first {t['common_chars']} of {t['ours_chars']} chars same"
+
+        def ratio(x):
+            return f"{x['median']:.2f}x [{x['min']:.2f}-{x['max']:.2f}]"
+        lines.append(f"| {r['impl']} | {r['gguf']} | {d['ours']:.2f} | {d['llamacpp']:.2f} | {ratio(d['ratio'])} | "
+                     f"{g['ours']:.1f} ({f['ours']:.0%}) | {g['llamacpp']:.1f} ({f['llamacpp']:.0%}) | "
+                     f"{p['ours']:.1f} | {p['llamacpp']:.1f} | {ratio(p['ratio'])} | {same} |")
+    return "\n".join(lines)
 
 
 def run_engine(ckpt_dir, shape, dtype, prompt_len, gen_len, rounds, compile, quantize, compare, cache_dir, threads,
@@ -480,7 +643,8 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
          quantize: Optional[str] = None, compare: Optional[str] = None, cache_dir: Optional[str] = None,
          threads: Optional[int] = None, device: str = "cpu", json: bool = False, smoke: bool = False,
          concurrency: Optional[int] = None, prefill_gap: Optional[int] = None, prefill_chunk: int = 128,
-         group_size: Optional[int] = None, max_seq_len: Optional[int] = None) -> None:
+         group_size: Optional[int] = None, max_seq_len: Optional[int] = None, llamacpp: Optional[str] = None,
+         llamacpp_src: Optional[str] = None, tokenizer_path: Optional[str] = None) -> None:
     if smoke:  # CI: the tiny shape, a few tokens, against transformers
         shape, ckpt_dir, batch, prompt_len, gen_len, rounds, compare = "tiny", None, (1, 2), 4, 4, 1, "hf"
     if concurrency is not None or prefill_gap is not None:
@@ -490,7 +654,11 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: str
         print(jsonlib.dumps(report, indent=2))
         return
     report = run(ckpt_dir, shape, dtype, batch, prompt_len, gen_len, rounds, compile, quantize, compare,
-                 cache_dir, threads, device=device, group_size=group_size)
+                 cache_dir, threads, device=device, group_size=group_size, llamacpp=llamacpp, llamacpp_src=llamacpp_src,
+                 tokenizer_path=tokenizer_path)
+    if "llamacpp" in report:
+        print(jsonlib.dumps(report, indent=2) if json else llamacpp_table(report))
+        return
     if json:
         for row in report["results"]:
             row.pop("tokens", None)

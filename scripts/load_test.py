@@ -4,6 +4,9 @@ one at a time, and against `transformers serve --continuous-batching` on the sam
     python scripts/load_test.py --ckpt_dir /tmp/stories260K --clients 1,4,16,64 --compare hf
     python scripts/load_test.py --shape tinyllama-1.1b --dtype bf16 \
         --tokenizer_path ../shared/assets/llama_tokenizer.model --clients 1,8 --max_tokens 16 --compare hf
+    python scripts/load_test.py --shape tinyllama-1.1b --dtype bf16 --quantize int4 \
+        --tokenizer_path ../shared/assets/llama_tokenizer.model --clients 8 --max_tokens 32 --compare llamacpp \
+        --llamacpp /path/to/llama.cpp-build/bin
     python scripts/load_test.py --smoke       # tiny random weights, 1 and 4 clients, a few tokens: seconds
     python scripts/load_test.py --ckpt_dir /tmp/stories260K --max_seq_len 2048 --multiturn 10 --shared_prefix 16 \
         --capacity
@@ -18,7 +21,9 @@ time), time to first token (p50, p99) and the gap between content chunks (p50, p
 carry several tokens, `tokens_per_chunk`: see serve.py's --stream_interval), and ratios
 ours / other as median [min-max] over the repeats. "ours one at a time" sends the same requests
 sequentially; "hf" is `transformers serve --continuous-batching` on an HF folder (--hf_dir, or one
-written by scripts/convert_checkpoint.py --to hf). `overhead` compares one stream's time per token
+written by scripts/convert_checkpoint.py --to hf); "llamacpp" is llama.cpp's `llama-server` on the same weights
+converted to GGUF (BF16, F32, or with --quantize int8 / int4 Q8_0 / Q4_0; scripts/llamacpp.py finds the build),
+one slot per client. `overhead` compares one stream's time per token
 over HTTP (the servers otherwise idle) with the same request's in this process (Llama.submit), in
 turns: the HTTP and streaming cost per token as a fraction of a decode step. Absolute speeds drift
 with the machine's load: compare the ratios of one run. Progress goes to stderr, the JSON report
@@ -403,12 +408,18 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
          compare: Optional[str] = None, hf_dir: Optional[str] = None, threads: Optional[int] = None,
          serial: bool = True, compile: bool = False, tokenizer_path: Optional[str] = None, overhead_rounds: int = 3,
          cache_dir: Optional[str] = None, smoke: bool = False, multiturn: int = 0, shared_prefix: int = 0,
-         capacity: bool = False, system_words: int = 300) -> None:
+         capacity: bool = False, system_words: int = 300, quantize: Optional[str] = None,
+         llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None) -> None:
     if smoke:
         clients, max_tokens, max_seq_len, compare, threads, repeats = (1, 4), 16, 128, None, 1, 1
     levels = [int(c) for c in (clients if isinstance(clients, (list, tuple)) else str(clients).split(","))]
-    if compare not in (None, "hf"):
-        raise ValueError(f"--compare {compare!r}: the only comparison is 'hf'")
+    if compare not in (None, "hf", "llamacpp"):
+        raise ValueError(f"--compare {compare!r}: compare with 'hf' (transformers serve) or 'llamacpp' (llama-server)")
+    cpp = None
+    if compare == "llamacpp":  # the build is checked before anything loads
+        from llamacpp import LlamaCpp
+
+        cpp = LlamaCpp(llamacpp, llamacpp_src)
     scratch = tempfile.TemporaryDirectory(prefix="llama-load-")
     if shape is not None:
         import torch
@@ -433,6 +444,7 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
     cmd = [sys.executable, "serve.py", "--port", str(port), "--max_batch_size", str(max(levels)), "--max_seq_len",
            str(max_seq_len), "--max_queue", "4096", "--nopage", "--ckpt_dir", ckpt_dir]
     cmd += ["--dtype", dtype] if dtype else []
+    cmd += ["--quantize", quantize] if quantize else []
     cmd += ["--compile"] if compile else []
     if multiturn or shared_prefix or capacity:
         report["prefix_cache"] = _cache_checks(cmd, ckpt_dir, env, Path(scratch.name), dtype, multiturn, shared_prefix,
@@ -450,12 +462,34 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
             servers["hf"] = stack.enter_context(_Server(_hf_command(hf_dir, port, levels, max_seq_len, dtype), port,
                                                         Path(scratch.name) / "hf.log", env))
             models["hf"] = hf_dir
+        if cpp is not None:
+            gguf = _gguf(cpp, ckpt_dir, dtype, quantize, Path(cache_dir) if cache_dir else None, Path(scratch.name))
+            port = _free_port()
+            command = [cpp.tool("llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                       "-np", str(max(levels)), "-c", str(max(levels) * max_seq_len), "-t", str(threads or os.cpu_count())]
+            progress("llama.cpp: " + " ".join(command))
+            servers["llamacpp"] = stack.enter_context(_Server(command, port, Path(scratch.name) / "llamacpp.log",
+                                                              {**env, **cpp._env()}))
+            models["llamacpp"] = "model"
         report["levels"] = _compare(servers, models, levels, rounds, repeats, max_tokens, serial)
         if overhead_rounds:
             progress("one stream over HTTP and the same in this process, in turns, for the HTTP overhead")
             report["overhead"] = _overhead(servers["ours"].url, models["ours"], ckpt_dir, dtype, max_seq_len,
                                            max_tokens, threads, compile, overhead_rounds)
     print(json.dumps(report, indent=2))
+
+
+def _gguf(cpp, ckpt_dir: str, dtype: Optional[str], quantize: Optional[str], cache_dir: Optional[Path],
+          scratch: Path) -> Path:
+    """The checkpoint as llama.cpp reads it, in the weight type that matches ours (bf16 -> BF16, int8 -> Q8_0,
+    int4 -> Q4_0), converted once through our Hugging Face export."""
+    from llamacpp import GGUF_TYPES, hf_export
+
+    float_type = GGUF_TYPES[{"bfloat16": "bf16", None: "float32"}.get(dtype, dtype)]
+    weight_type = GGUF_TYPES[quantize] if quantize else float_type
+    base = (cache_dir or scratch) / (Path(ckpt_dir, "params.json").resolve().parent.name + "-load")
+    hf = hf_export(ckpt_dir, base.with_name(base.name + "-hf"))
+    return cpp.gguf(hf, base.with_name(base.name + "-gguf"), weight_type, float_type)
 
 
 def _cache_checks(cmd: List[str], ckpt_dir: str, env: dict, scratch: Path, dtype: Optional[str], multiturn: int,

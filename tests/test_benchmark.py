@@ -46,3 +46,34 @@ def test_benchmark_times_several_quantize_modes_in_one_run(tmp_path):
     assert row["ours:none"]["decode_tok_s_total"] > 0 and row["ours:int4"]["decode_tok_s_total"] > 0
     assert list(row["ratios"]) == ["ours:none/ours:int4"]
     assert row["ratios"]["ours:none/ours:int4"]["decode_tok_s_total"]["min"] > 0
+
+
+def test_compare_llamacpp_names_what_is_missing(tmp_path):
+    """--compare llamacpp checks the llama.cpp build before loading anything: a folder without its
+    tools, or a batch other than 1, is a clear error; a build folder's CMakeCache.txt leads to the
+    sources whose convert_hf_to_gguf.py makes the GGUF files."""
+    proc = run_python("scripts/benchmark.py", "--shape", "tiny", "--compare", "llamacpp", "--llamacpp", str(tmp_path),
+                      "--cache_dir", str(tmp_path))
+    assert proc.returncode == 1 and "lacks llama.cpp's llama-bench, llama-quantize" in proc.stderr
+    proc = run_python("scripts/benchmark.py", "--shape", "tiny", "--compare", "llamacpp", "--batch", "1,8",
+                      "--cache_dir", str(tmp_path))
+    assert proc.returncode == 1 and "batch 1" in proc.stderr
+
+    from conftest import script
+
+    build, src = tmp_path / "build", tmp_path / "src"
+    (build / "bin").mkdir(parents=True)
+    src.mkdir()
+    for tool in ("llama-bench", "llama-quantize", "llama-simple", "llama-server"):
+        (build / "bin" / tool).write_text("")
+    (build / "CMakeCache.txt").write_text(f"FOO:BOOL=ON\nCMAKE_HOME_DIRECTORY:INTERNAL={src}\n")
+    llamacpp = script("llamacpp")
+    try:
+        llamacpp.LlamaCpp(str(build))
+        raise AssertionError("a source folder without convert_hf_to_gguf.py was taken")
+    except FileNotFoundError as e:
+        assert "convert_hf_to_gguf.py" in str(e)
+    (src / "convert_hf_to_gguf.py").write_text("")
+    found = llamacpp.LlamaCpp(str(build))  # the build folder itself, or its bin/
+    assert found.bin == build / "bin" and found.src == src
+    assert llamacpp.LlamaCpp(str(build / "bin"), str(src)).src == src

@@ -295,3 +295,66 @@ def test_lm_eval_completions_loglikelihoods_equal_its_hf_backend(server, ref, ti
     for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
     assert lm_eval.__version__
+
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {kind}
+doc_to_text: "{{{{question}}}}"
+{choice}doc_to_target: "{{{{{target}}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+metric_list:
+  - metric: {metric}
+"""
+DOCS = [{"question": "The cat sat on the", "choices": [" mat", " tree", " car"], "label": 0, "answer": "mat"},
+        {"question": "A dog ran to the", "choices": [" park", " sea"], "label": 0, "answer": "park"},
+        {"question": "One two", "choices": [" three", " four five"], "label": 0, "answer": "three"}]
+
+
+@pytest.mark.slow
+def test_lm_eval_command_runs_both_api_backends_with_their_defaults(server, tiny_ckpt, tmp_path):
+    """`lm_eval --model local-completions` (multiple choice: token-id prompts, echo, top_logprobs) and
+    `--model local-chat-completions` (generation) against the server, with only base_url and model given; a
+    local task, so nothing is downloaded. The completions backend's per-item log-likelihoods equal its Hugging
+    Face backend's on the exported folder."""
+    pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install 'lm-eval[api]'")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from conftest import run_python
+    from llama.hf import write_hf
+    from llama.loading import open_checkpoint
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    for name, kind, target, metric in (("tiny_mc", "multiple_choice", "label", "acc"),
+                                        ("tiny_gen", "generate_until", "answer", "exact_match")):
+        choice = 'doc_to_choice: "{{choices}}"\n' if kind == "multiple_choice" else ""
+        (tmp_path / f"{name}.yaml").write_text(TASK.format(name=name, data=data, kind=kind, target=target,
+                                                           metric=metric, choice=choice))
+    out = tmp_path / "out"
+    for model, path, task, extra in (("local-completions", "/v1/completions", "tiny_mc", []),
+                                     ("local-chat-completions", "/v1/chat/completions", "tiny_gen",
+                                      ["--apply_chat_template"])):
+        proc = run_python("-m", "lm_eval", "--model", model, "--model_args", f"base_url={server.url}{path},model={MODEL}",
+                          "--tasks", task, "--include_path", str(tmp_path), "--output_path", str(out), "--log_samples",
+                          *extra, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for f in out.rglob("samples_tiny_mc_*.jsonl") for line in f.read_text().splitlines()]
+    assert len(samples) == len(DOCS) and list(out.rglob("samples_tiny_gen_*.jsonl"))
+    hf_dir = tmp_path / "hf"
+    write_hf(open_checkpoint(tiny_ckpt), hf_dir)
+    hf = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", add_bos_token=False)
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        requests = [Instance("loglikelihood", {}, (a["arg_0"], a["arg_1"]), i)
+                    for i, a in enumerate(s["arguments"].values())]
+        expected = hf.loglikelihood(requests)
+        got = [(float(r[0][0]), r[0][1] == "True") for r in s["resps"]]
+        for (a, greedy_a), (b, greedy_b) in zip(got, expected):
+            assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
