@@ -171,9 +171,12 @@ def estimate_bytes(ckpt_dir: str | os.PathLike, max_seq_len: Optional[int] = Non
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes a loaded model holds: its weights (quantized ones included), KV cache and RoPE table."""
+    """Bytes a loaded model holds: its weights (quantized and packed ones included), KV cache and RoPE table."""
+    from llama.quantize import PackedLinear
+
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t is not None}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))  # fbgemm's objects, not tensors
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
 
 
 def check_weights_fit(model: nn.Module, source, device: torch.device, dtype: torch.dtype) -> None:

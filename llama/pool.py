@@ -15,13 +15,15 @@ dispatches each message: a step to its model's engine, a load to a thread that b
 rank 0's (the build's agreements use the default process group, the steps fairscale's and the
 channel's, so a load never stalls the other models' steps), an unload to dropping the model.
 
-Adapters (unmerged LoRA, `ModelSpec.adapters`) are loaded into a model once it serves, on rank 0 only,
-through Llama.load_adapter: they travel to the other ranks with its next step.
+Loads run at a lower CPU priority than the engines (Linux), so that on a busy machine a load takes the
+cores the serving models leave idle. Adapters (unmerged LoRA, `ModelSpec.adapters`) are loaded into a
+model once it serves, on rank 0 only, through Llama.load_adapter: they travel to the other ranks with
+its next step.
 """
 from __future__ import annotations
 
-import gc
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -260,6 +262,7 @@ class ModelPool:
     # Rank 0: loading and unloading, in the loader's thread.
 
     def _load_loop(self) -> None:
+        _lower_priority()
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
@@ -445,6 +448,7 @@ def _build_in_thread(spec: ModelSpec) -> Future:
     future: Future = Future()
 
     def run() -> None:
+        _lower_priority()
         try:
             future.set_result(_build(spec))
         except BaseException as e:  # noqa: BLE001 - rank 0 reports it; this rank waits for rank 0's next word
@@ -452,6 +456,18 @@ def _build_in_thread(spec: ModelSpec) -> Future:
 
     threading.Thread(target=run, name=f"llama-load-{spec.name}", daemon=True).start()
     return future
+
+
+LOAD_NICENESS = 10  # how much lower than the engines' the loads' CPU priority is (Linux: a thread's own nice value)
+
+
+def _lower_priority() -> None:
+    """Give this thread, and the threads it starts (torch's intra-op team included), a lower CPU priority: a
+    load then takes the cores the engines leave idle, rather than slowing their steps."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)  # Linux: per thread
+    except (AttributeError, OSError):  # another OS, or not permitted: loads run at the engines' priority
+        pass
 
 
 def _idle(g: Llama) -> bool:
@@ -463,7 +479,9 @@ def _adapters_of(g: Llama) -> Dict[str, str]:
 
 
 def _free_memory() -> None:
-    gc.collect()  # an unloaded model's tensors go now, not at some later collection
+    """Give an unloaded model's memory back. Its tensors went with the last reference to it (no cycle holds them:
+    tests/test_serve_models.py checks), so no gc.collect(), which would hold the interpreter lock, and so every
+    other model's steps, for a fifth of a second or more."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -2,8 +2,10 @@
 answers equal to the same model served alone, concurrent traffic to both, loading on first use within a budget
 (the least recently used idle model unloaded, a busy one never), a load that stalls no other model's stream,
 and the command line's models (--model, --models, --lora) refused at start when they clash."""
+import gc
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -145,10 +147,18 @@ def test_with_one_model_loaded_at_most_the_least_recently_used_idle_one_unloads(
         assert httpx.get(s.url + "/health").json()["status"] == "ok"  # nothing needs loading to be ready
         assert states(s) == {"alpha": "unloaded", "beta": "unloaded"}
         assert [m["loaded"] for m in httpx.get(s.url + "/v1/models").json()["data"]] == [False, False]
-        for name in ("alpha", "beta", "alpha", "alpha", "beta"):
-            r = client.completions.create(model=name, prompt="The cat", max_tokens=12, temperature=0)
-            assert r.choices[0].text == greedy(refs[name], "The cat")
-            assert states(s) == {name: "loaded", ("beta" if name == "alpha" else "alpha"): "unloaded"}
+        order, gone = ("alpha", "beta", "alpha", "alpha", "beta"), []
+        gc.disable()  # an unloaded model's memory must go with it, not with some later collection (the pool runs none)
+        try:
+            for i, name in enumerate(order):
+                if i and order[i - 1] != name:  # this request unloads the other model
+                    gone.append(weakref.ref(pool.loaded()[order[i - 1]].model))
+                r = client.completions.create(model=name, prompt="The cat", max_tokens=12, temperature=0)
+                assert r.choices[0].text == greedy(refs[name], "The cat")
+                assert states(s) == {name: "loaded", ("beta" if name == "alpha" else "alpha"): "unloaded"}
+            assert len(gone) == 3 and all(ref() is None for ref in gone)
+        finally:
+            gc.enable()
         status = pool.status()
         assert (status["alpha"]["loads"], status["beta"]["loads"]) == (2, 2)
         assert status["alpha"]["load_s"] > 0 and status["beta"]["load_s"] > 0
