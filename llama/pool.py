@@ -412,6 +412,8 @@ class ModelPool:
                 continue
             kind, name = message[0], message[1] if len(message) > 1 else None
             if kind == "end":
+                for pending in loads.values():  # rank 0 gave them up: let their builds end before this rank does
+                    pending.exception()
                 return
             if kind == "load":
                 loads[name] = _build_in_thread(self._entries[name].spec)

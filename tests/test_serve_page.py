@@ -448,3 +448,21 @@ def test_wrong_page_logins_are_throttled(tiny_ckpt):
         assert http.get(s.url + "/v1/models", headers=key).status_code == 429  # keys and logins count together
         time.sleep(1.1)
         assert login(KEY).status_code == 200 and login("guess").status_code == 400
+
+
+@pytest.mark.slow
+def test_the_documented_bash_call_of_the_page_works(two, models):
+    """docs/serving.md's two-step call of /gradio_api/call/complete with curl, as bash runs it."""
+    import subprocess
+
+    from conftest import require_slow
+
+    text = (ROOT / "docs" / "serving.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "/gradio_api/call/" in b)
+    require_slow("starts bash")
+    script = block.replace("http://127.0.0.1:8000", two.url).replace('"stories15M"', '"beta"')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = [json.loads(line[len("data:"):]) for line in out.stdout.splitlines() if line.startswith("data:")]
+    assert "event: complete" in out.stdout and data[-1] == [page_completion(models[1]["beta"],
+                                                                            "my new invention is the", 800)]
