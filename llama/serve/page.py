@@ -1,7 +1,8 @@
 """The web page at `/`: a chat first, and a completion tab, on the same engines as the API.
 
 The chat fills the window, its message box at the bottom, with a stop button while an answer streams;
-the settings (model, system prompt, temperature, top p, max tokens, repetition penalty, seed) sit in a
+a sent message can be edited and an answer retried, and past conversations are listed beside it (kept in
+the browser's local storage, not on the server); the settings (model, system prompt, temperature, top p, max tokens, repetition penalty, seed) sit in a
 side panel that folds away, and apply to both tabs. A model with a description (the demo model's text
 is gibberish by design) shows it above the conversation.
 
@@ -172,7 +173,8 @@ def build_page(service: Service) -> gr.Blocks:
                     textbox=gr.Textbox(placeholder="Type a message, then Enter", show_label=False, lines=1,
                                        max_lines=8, elem_id="message", submit_btn=True, stop_btn=True),
                     additional_inputs=[system, temperature, top_p, max_tokens, model, repetition_penalty, seed],
-                    concurrency_limit=None, api_name="chat", analytics_enabled=False, fill_height=True)
+                    concurrency_limit=None, api_name="chat", analytics_enabled=False, fill_height=True,
+                    save_history=True, editable=True)
             with gr.Tab("Completion", elem_id="completion-tab"):
                 prompt = gr.Textbox(label="Prompt", lines=3, value="Once upon a time", elem_id="prompt")
                 with gr.Row():
