@@ -5,6 +5,7 @@ on), 404 for names not served; --lora NAME=DIR at the command line, refused at s
 import json
 import shutil
 import threading
+import time
 import warnings
 
 import httpx
@@ -101,7 +102,11 @@ def test_a_request_for_an_adapter_gets_the_merged_model_s_answer(client, refs):
     assert greedy(refs["sql"], "The cat") != greedy(refs["base"], "The cat")  # the adapter changes the answer
 
 
-def test_adapter_and_base_requests_share_the_batch_and_keep_their_answers(server, client, refs):
+def test_adapter_and_base_requests_share_the_batch_and_keep_their_answers(server, client, refs, monkeypatch):
+    from llama.runner import Runner
+
+    execute = Runner.execute  # 5 ms a step: the requests, sent at once, overlap
+    monkeypatch.setattr(Runner, "execute", lambda self, plan: (time.sleep(0.005), execute(self, plan))[1])
     engine = server.service.pool.loaded()["tiny"].engine
     steps = engine.stats.steps
     jobs = [("sql" if i % 2 else "tiny", PROMPTS[i % len(PROMPTS)]) for i in range(8)]
@@ -117,7 +122,7 @@ def test_adapter_and_base_requests_share_the_batch_and_keep_their_answers(server
     for t in threads:
         t.join(timeout=120)
     assert got == [greedy(refs["sql" if m == "sql" else "base"], p, 16) for m, p in jobs]
-    assert engine.stats.steps - steps < 8 * 16  # one engine: the rows ran together, not one request after another
+    assert engine.stats.steps - steps < 8 * 16 / 2  # one engine: the rows ran together, not one after another
 
 
 def test_adapters_load_and_unload_at_run_time_under_traffic(server, client, folders, refs):

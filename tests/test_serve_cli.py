@@ -304,3 +304,39 @@ def test_two_ranks_load_and_unload_models_on_demand(jobs, tmp_path, tiny_ckpt2, 
     os.kill(job.rank_pid(0), signal.SIGTERM)
     assert job.wait(timeout=30) == 0, job.output()[-3000:]
     assert "unloading model 'a' to make room for 'c'" in job.output()
+
+
+def test_two_ranks_serve_adapters_chosen_per_request(jobs, tmp_path, tiny_ckpt, tiny_ckpt2):
+    """--lora NAME=DIR under model parallelism, and an adapter loaded and unloaded at run time: rank 0 takes
+    them, the other rank gets them with the next step; every answer is the merged model's."""
+    if not hasattr(Llama, "load_adapter"):
+        pytest.skip("unmerged adapters need Llama.load_adapter (the lora-mix branch)")
+    pytest.importorskip("peft")
+    from test_serve_adapters import peft_adapter
+
+    from llama.hf import write_hf
+    from llama.loading import open_checkpoint
+
+    hf_base = write_hf(open_checkpoint(tiny_ckpt), tmp_path / "hf_base")
+    sql, poems = peft_adapter(hf_base, tmp_path / "sql", 1), peft_adapter(hf_base, tmp_path / "poems", 2)
+    refs = {name: Llama.build(str(tiny_ckpt), lora=None if folder is None else str(folder), max_seq_len=256,
+                              max_batch_size=4, device="cpu")
+            for name, folder in (("base", None), ("sql", sql), ("poems", poems))}
+    job = jobs(["--ckpt_dir", str(tiny_ckpt2), "--model_name", "tiny", "--lora", f"sql={sql}", "--max_seq_len",
+                "256", "--max_batch_size", "4", "--nopage"], free_port(), tmp_path, torchrun=True)
+    job.wait_healthy()
+
+    def expected(model, prompt, n):
+        ref = refs["base" if model == "tiny" else model.split(":")[-1]]
+        return ref.text_completion([prompt], temperature=0, max_gen_len=n)[0]["generation"]
+
+    work = [(m, p, 12) for m in ("tiny", "sql", "tiny:sql") for p in ("The cat", "Once upon a time")]
+    assert ask_all(job.url, work) == [expected(*w) for w in work]
+    r = httpx.post(job.url + "/v1/load_lora_adapter", json={"lora_name": "poems", "lora_path": str(poems)}, timeout=60)
+    assert r.status_code == 200, r.text
+    work = [("poems", "The cat", 12), ("sql", "The cat", 12), ("tiny", "The cat", 12)]
+    assert ask_all(job.url, work) == [expected(*w) for w in work]
+    assert httpx.post(job.url + "/v1/unload_lora_adapter", json={"lora_name": "poems"}, timeout=60).status_code == 200
+    assert httpx.post(job.url + "/v1/completions", json={"model": "poems", "prompt": "x"}, timeout=60).status_code == 404
+    os.kill(job.rank_pid(0), signal.SIGTERM)
+    assert job.wait(timeout=30) == 0, job.output()[-3000:]
