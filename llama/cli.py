@@ -152,8 +152,9 @@ def _description(doc: str) -> str:
 
 def parse_argv(flags: Dict[str, Flag], argv: Sequence[str]) -> Dict[str, Any]:
     """{name: value} of the flags in `argv` (positional arguments fill the required parameters not given as
-    flags, in order), or a UsageError. A list flag takes every word up to the next --flag; `--name=value` takes
-    the value verbatim; a switch stands alone (`--stream`, `--nostream`)."""
+    flags, in order), or a UsageError. A list flag takes every word up to the next --flag, and may be given
+    again (its values add up); `--name=value` takes the value verbatim; a switch stands alone (`--stream`,
+    `--nostream`)."""
     given: Dict[str, Any] = {}
     positional: List[str] = []
     i = 0
@@ -169,15 +170,16 @@ def parse_argv(flags: Dict[str, Flag], argv: Sequence[str]) -> Dict[str, Any]:
         if not arg.startswith("--") or (key not in flags and not negated):
             raise UsageError(f"unknown flag {arg.split('=')[0]}{_suggestion(key, flags)}")
         flag = flags[key[2:] if negated else key]
-        if flag.name in given:
+        if flag.name in given and flag.kind != "list":  # a list flag may repeat: its values add up
             raise UsageError(f"--{flag.name} is given twice")
+        before = given.pop(flag.name, []) if flag.kind == "list" else []
         if flag.kind == "bool":
             given[flag.name] = (not negated) if not eq else flag.parse(value)
             if negated and eq:
                 raise UsageError(f"--no{flag.name} takes no value")
             i += 1
         elif eq:
-            given[flag.name] = [value] if flag.kind == "list" else flag.parse(value)
+            given[flag.name] = before + [value] if flag.kind == "list" else flag.parse(value)
             i += 1
         elif flag.kind == "list":
             j = i + 1
@@ -185,7 +187,7 @@ def parse_argv(flags: Dict[str, Flag], argv: Sequence[str]) -> Dict[str, Any]:
                 j += 1
             if j == i + 1:
                 raise UsageError(f"--{flag.name} needs at least one value")
-            given[flag.name], i = list(argv[i + 1 : j]), j
+            given[flag.name], i = before + list(argv[i + 1 : j]), j
         else:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise UsageError(f"--{flag.name} needs a value ({flag.metavar})")

@@ -1,6 +1,10 @@
 """Process groups and fairscale's model parallelism: device and dtype choice, the model made
 model-parallel (`parallelize_`), errors agreed on by every rank (`on_every_rank`), and rank 0's
-decisions sent to the other ranks each step (`StepChannel`, `follow`)."""
+decisions sent to the other ranks each step (`StepChannel`, `follow`).
+
+Several engines in one process (a server's several models) share one StepChannel: rank 0 runs one
+engine's step at a time (`StepChannel.turn`), each message tagged with its engine's name, so the other
+ranks run the same steps in the same order, and their collectives match (see `StepChannel`)."""
 from __future__ import annotations
 
 import atexit
@@ -11,6 +15,7 @@ import io
 import logging
 import os
 import pickle
+import threading
 from typing import Any, Callable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import torch
@@ -117,6 +122,8 @@ def model_parallel() -> Tuple[int, int]:
 
 def end_process_group() -> None:
     """Close fairscale's groups and the process group, if set up (a later Llama.build sets them up again)."""
+    global _shared
+    _shared = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -263,12 +270,48 @@ LOCATE = "locate"  # sent with failed rows instead of a step's events: every ran
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
+class Turn:
+    """A lock handed out in the order it was asked for (first come, first served): rank 0's engines take
+    it around each step, so that under model parallelism two busy engines step in alternation and the other
+    ranks see each one's steps whole."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the ticket the next caller gets
+        self._now = 0  # the ticket whose turn it is
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._now:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._now += 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> "Turn":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class StepChannel:
     """Rank 0's messages to the other ranks of its model-parallel group (plans, events), on a gloo group
-    of their own: plain Python objects, pickled."""
+    of their own: plain Python objects, pickled.
+
+    One per process and model-parallel group (`shared_channel`), whatever the number of engines: every
+    message is (tag, message), the tag naming the engine it is for (None for a lone engine; a server's
+    model name otherwise, `Tagged`), and rank 0 sends a step's messages inside `turn`, so the other
+    ranks receive each step whole and every rank runs the engines' forwards, whose collectives share
+    fairscale's group, in one order: rank 0's."""
 
     def __init__(self):
         self.group, self.src = _control_group()
+        self.turn = Turn()
 
     def send(self, message: Any) -> None:
         dist.broadcast_object_list([message], src=self.src, group=self.group)
@@ -285,11 +328,56 @@ class StepChannel:
         dist.all_gather_object(errors, error, group=self.group)
         return next((f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None), None)
 
+    def tagged(self, tag: Optional[str] = None) -> "Tagged":
+        return Tagged(self, tag)
 
-def follow(channel: StepChannel, runner, apply: Callable[[Any], None]) -> bool:
-    """(a rank above 0) One of rank 0's steps: receive its plan, run its forwards, hand its events to
-    `apply`. False once rank 0 has shut down."""
-    plan = channel.receive()
+
+class Tagged:
+    """One engine's view of the shared StepChannel: what it sends carries its tag, and what it receives must
+    (a message for another engine means the ranks no longer agree on what runs)."""
+
+    def __init__(self, channel: StepChannel, tag: Optional[str]):
+        self.channel, self.tag = channel, tag
+
+    @property
+    def turn(self) -> Turn:
+        return self.channel.turn
+
+    def send(self, message: Any) -> None:
+        self.channel.send((self.tag, message))
+
+    def receive(self) -> Any:
+        tag, message = self.channel.receive()
+        if tag != self.tag:
+            raise RuntimeError(f"rank 0 sent a step of engine {tag!r} to this rank's engine {self.tag!r}: the ranks "
+                               "run different engines (every rank must build the same models in the same order)")
+        return message
+
+    def __getattr__(self, name: str) -> Any:  # the shared channel's other collectives
+        return getattr(self.channel, name)
+
+
+_shared: Optional[Tuple[object, StepChannel]] = None  # (fairscale's group it was made for, the channel)
+
+
+def shared_channel() -> StepChannel:
+    """This process's StepChannel, made on first use (a collective call: every rank makes it at the same
+    point, e.g. in its first engine, or as a ModelPool starts)."""
+    global _shared
+    group = fs_init.get_model_parallel_group()
+    if _shared is None or _shared[0] is not group:
+        _shared = (group, StepChannel())
+    return _shared[1]
+
+
+_RECEIVE = object()  # follow's plan: receive it
+
+
+def follow(channel, runner, apply: Callable[[Any], None], plan: Any = _RECEIVE) -> bool:
+    """(a rank above 0) One of rank 0's steps: receive its plan (unless a dispatcher did: `plan`), run its
+    forwards, hand its events to `apply`. False once rank 0 has shut the engine down."""
+    if plan is _RECEIVE:
+        plan = channel.receive()
     if plan == SHUTDOWN:
         return False
     runner.forward(plan)

@@ -15,7 +15,9 @@ or, for a server, `serve_forever` on every rank.
 Under model parallelism rank 0 decides: it sends each step's plan, then the step's events (tokens
 taken, requests ended) to the other ranks (llama.distributed.StepChannel), which run the same
 forwards and apply the same events to their own requests, if they made the same calls (SPMD), or
-serve rank 0's requests without requests of their own (`serve_forever`).
+serve rank 0's requests without requests of their own (`serve_forever`). Several engines in one process
+share one channel (llama.distributed.shared_channel): rank 0 runs one engine's step at a time, its
+messages tagged with the engine's `tag`, and the other ranks follow them in that order (llama.pool).
 
 LoRA adapters (llama.adapters) load between two steps: a load waits for the next step (or, with no
 step running, applies at once), which carries it to every rank before its forwards; the name is usable
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from llama.adapters import AdapterTable, AdapterWeights, Entry, LoadAdapter
-from llama.distributed import LOCATE, SHUTDOWN, RankError, StepChannel, follow, model_parallel
+from llama.distributed import LOCATE, SHUTDOWN, RankError, follow, model_parallel, shared_channel
 from llama.errors import LogitsError
 from llama.grammar import Grammars
 from llama.model import Transformer
@@ -159,7 +161,7 @@ class Engine:
         self._stopped: Optional[str] = None
         self.stats = Stats()
         self.mp_rank, self.mp_size = model_parallel()
-        self.channel = StepChannel() if self.mp_size > 1 else None
+        self.channel = shared_channel().tagged() if self.mp_size > 1 else None
         self.adapters = AdapterTable()  # rank 0's (and, SPMD, every rank's) adapter names and slots
         self._loads: List[_PendingLoad] = []  # for the next step
         self._loaded = threading.Condition(self._lock)  # notified when loads are done
@@ -176,6 +178,16 @@ class Engine:
     @property
     def serving(self) -> bool:
         return self._serving
+
+    @property
+    def tag(self) -> Optional[str]:
+        """The name this engine's messages carry to the other ranks (None: the process's only engine)."""
+        return None if self.channel is None else self.channel.tag
+
+    @tag.setter
+    def tag(self, tag: Optional[str]) -> None:
+        if self.channel is not None:
+            self.channel.tag = tag
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -373,7 +385,12 @@ class Engine:
             self.scheduler.finish(r.id, "cancelled")
             self._end(r, "cancelled")
         if self.mp_size > 1 and self.leader:
-            self.channel.send(SHUTDOWN)
+            self._lock.release()
+            try:
+                with self.channel.turn:
+                    self.channel.send(SHUTDOWN)
+            finally:
+                self._lock.acquire()
         self._wake_waiters()
 
     # The loop.
@@ -405,24 +422,30 @@ class Engine:
             self.stats.steps += 1
         plan.adapters = [p.load for p in loads]
         self._lock.release()
+        if self.channel is not None:  # the other ranks get this step whole, between other engines' steps
+            self.channel.turn.acquire()
         try:
-            output = self._execute(plan)
-        except BaseException as e:
-            self._lock.acquire()
-            self._finish_loads(loads, {p.load.id: f"{type(e).__name__}: {e}" for p in loads})
-            self._step_failed(plan, e)
-            return True
-        self._lock.acquire()
-        self._finish_loads(loads, output.adapter_errors)
-        events += self.scheduler.update(plan, output)
-        self._apply(events)
-        self._count()
-        if self.mp_size > 1:
-            self._lock.release()
             try:
-                self.channel.send(events)
-            finally:
+                output = self._execute(plan)
+            except BaseException as e:
                 self._lock.acquire()
+                self._finish_loads(loads, {p.load.id: f"{type(e).__name__}: {e}" for p in loads})
+                self._step_failed(plan, e)
+                return True
+            self._lock.acquire()
+            self._finish_loads(loads, output.adapter_errors)
+            events += self.scheduler.update(plan, output)
+            self._apply(events)
+            self._count()
+            if self.mp_size > 1:
+                self._lock.release()
+                try:
+                    self.channel.send(events)
+                finally:
+                    self._lock.acquire()
+        finally:
+            if self.channel is not None:
+                self.channel.turn.release()
         return True
 
     def _execute(self, plan: Plan) -> Output:
@@ -533,9 +556,14 @@ class Engine:
         finally:
             self._lock.acquire()
 
-    def _follow_step(self) -> bool:
+    def follow_step(self, plan=None) -> bool:
+        """(rank > 0, no lock) Run rank 0's next step, or the one whose `plan` a dispatcher received for
+        this engine (llama.pool). False at shutdown."""
+        return self._follow_step(plan)
+
+    def _follow_step(self, plan=None) -> bool:
         """(rank > 0, no lock) One of rank 0's steps. False at shutdown."""
-        if follow(self.channel, self.runner, self._apply_locked):
+        if follow(self.channel, self.runner, self._apply_locked, *(() if plan is None else (plan,))):
             return True
         with self._lock:
             self._stopped = self._stopped or "rank 0 shut the engine down"

@@ -149,6 +149,36 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
+def estimate_bytes(ckpt_dir: str | os.PathLike, max_seq_len: Optional[int] = None, max_batch_size: int = 4,
+                   mp_size: int = 1, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None,
+                   group_size: Optional[int] = None, kv_cache_tokens: Optional[int] = None) -> int:
+    """Bytes one rank of a checkpoint would hold once loaded as `load_model` loads it: its weights (in `dtype`,
+    or quantized as asked) and its KV cache, from the checkpoint's shapes alone (no weight is read). A
+    budget of several models (llama.pool) plans with it before loading."""
+    ckpt = open_checkpoint(ckpt_dir, mp_size)
+    seq_len = max_seq_len or checkpoint_context(ckpt_dir) or DEFAULT_MAX_SEQ_LEN
+    args = dataclasses.replace(ckpt.args, max_seq_len=seq_len, max_batch_size=max_batch_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+        layout = ckpt.layout if ckpt.quantized else None
+        if layout is None and quantize is not None:
+            layout = plan(quantize, linear_inputs(args, 1), group_size)
+        if layout is not None:
+            prepare_quantized_(model, layout)
+    tokens = kv_cache_tokens or max_batch_size * seq_len
+    blocks = 1 + -(-tokens // BLOCK_SIZE)
+    return weight_bytes(model, dtype) // mp_size + kv_cache_bytes(args, mp_size, dtype, blocks * BLOCK_SIZE)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes a loaded model holds: its weights (quantized and packed ones included), KV cache and RoPE table."""
+    from llama.quantize import PackedLinear
+
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t is not None}
+    packed = sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))  # fbgemm's objects, not tensors
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
+
+
 def check_weights_fit(model: nn.Module, source, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse to allocate weights that do not fit in the memory still free (as check_cache_fits does for
     the KV cache), instead of failing in the allocator or the kernel's OOM killer."""

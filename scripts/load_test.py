@@ -10,6 +10,8 @@ one at a time, and against `transformers serve --continuous-batching` on the sam
     python scripts/load_test.py --smoke       # tiny random weights, 1 and 4 clients, a few tokens: seconds
     python scripts/load_test.py --ckpt_dir /tmp/stories260K --max_seq_len 2048 --multiturn 10 --shared_prefix 16 \
         --capacity
+    python scripts/load_test.py --ckpt_dir /tmp/stories260K --several_models --load_shape tinyllama-1.1b \
+        --load_tokenizer_path ../shared/assets/llama_tokenizer.model
 
 Each server runs in its own process (the client's work must not share the server's interpreter
 lock), started here and stopped at the end; with --compare hf both are up at once, idle in turn.
@@ -35,6 +37,16 @@ words (each turn sends the whole conversation again), against the same server wi
 requests at once sharing that system prompt, the prompt tokens computed (from /metrics) against
 the least possible; --capacity, a server of 64 rows x 2048 positions whose cache holds only 16384,
 64 requests of 100 new tokens at once (the most running at once, from /metrics), then one long one.
+
+Several models (--several_models): one server of two models, a (--ckpt_dir) and b (other random weights of
+its shape), against a server of each alone: the same greedy texts, and --clients' largest level of
+clients on each model at once, every request answered; then a server of three models with --max_loaded 2,
+where a streams (a chunk per step) while b or c loads on its first request (another model's load, in
+turns, --repeats times; --load_shape or --load_ckpt_dir for a bigger one, --load_tokenizer_path for the
+tokenizer of a --load_shape): each load's time, the wait of
+its first request (from its arrival to its first token: the unload of the least recently used idle
+model, the load, the prefill), and the gaps between a's chunks (a's requests back to back) while that
+request waits, against those before it.
 """
 from __future__ import annotations
 
@@ -409,7 +421,9 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
          serial: bool = True, compile: bool = False, tokenizer_path: Optional[str] = None, overhead_rounds: int = 3,
          cache_dir: Optional[str] = None, smoke: bool = False, multiturn: int = 0, shared_prefix: int = 0,
          capacity: bool = False, system_words: int = 300, quantize: Optional[str] = None,
-         llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None) -> None:
+         llamacpp: Optional[str] = None, llamacpp_src: Optional[str] = None, several_models: bool = False,
+         load_ckpt_dir: Optional[str] = None, load_shape: Optional[str] = None,
+         load_tokenizer_path: Optional[str] = None) -> None:
     if smoke:
         clients, max_tokens, max_seq_len, compare, threads, repeats = (1, 4), 16, 128, None, 1, 1
     levels = [int(c) for c in (clients if isinstance(clients, (list, tuple)) else str(clients).split(","))]
@@ -421,12 +435,12 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
 
         cpp = LlamaCpp(llamacpp, llamacpp_src)
     scratch = tempfile.TemporaryDirectory(prefix="llama-load-")
+    import torch
+
+    from benchmark import DEFAULT_CACHE, synthetic_checkpoint
+    from llama.distributed import resolve_dtype
+
     if shape is not None:
-        import torch
-
-        from benchmark import DEFAULT_CACHE, synthetic_checkpoint
-        from llama.distributed import resolve_dtype
-
         ckpt_dir = str(synthetic_checkpoint(shape, resolve_dtype(dtype, torch.device("cpu")),
                                             Path(cache_dir) if cache_dir else DEFAULT_CACHE))
     if ckpt_dir is None:  # the demo model, which the server and this process must share
@@ -446,6 +460,16 @@ def main(ckpt_dir: Optional[str] = None, shape: Optional[str] = None, dtype: Opt
     cmd += ["--dtype", dtype] if dtype else []
     cmd += ["--quantize", quantize] if quantize else []
     cmd += ["--compile"] if compile else []
+    if several_models:
+        if load_shape is not None:
+            load_ckpt_dir = str(synthetic_checkpoint(load_shape, resolve_dtype(dtype, torch.device("cpu")),
+                                                     Path(cache_dir) if cache_dir else DEFAULT_CACHE))
+        if load_tokenizer_path is not None:
+            load_ckpt_dir = _with_tokenizer(load_ckpt_dir, load_tokenizer_path, Path(scratch.name) / "load")
+        report["several_models"] = _several_models(cmd, ckpt_dir, load_ckpt_dir, env, Path(scratch.name), max(levels),
+                                                   max_tokens, repeats)
+        print(json.dumps(report, indent=2))
+        return
     if multiturn or shared_prefix or capacity:
         report["prefix_cache"] = _cache_checks(cmd, ckpt_dir, env, Path(scratch.name), dtype, multiturn, shared_prefix,
                                                capacity, repeats, system_words)
@@ -511,6 +535,115 @@ def _cache_checks(cmd: List[str], ckpt_dir: str, env: dict, scratch: Path, dtype
         out["capacity"] = _capacity(ckpt_dir, env, scratch, dtype, rows=64, max_seq_len=2048, kv_cache_tokens=16384,
                                     tokens=100, long=1984)
     return out
+
+
+# Several models in one server.
+
+def _with_cmd(cmd: List[str], port: int, models: List[str], extra: List[str] = ()) -> List[str]:
+    """`cmd` on `port`, serving `models` (NAME=DIR each) rather than its --ckpt_dir."""
+    out = list(cmd)
+    out[out.index("--port") + 1] = str(port)
+    at = out.index("--ckpt_dir")
+    del out[at:at + 2]
+    return out + [w for m in models for w in ("--model", m)] + list(extra)
+
+
+def _greedy_texts(url: str, model: str, texts: List[str], max_tokens: int) -> List[str]:
+    return asyncio.run(_level(url, model, texts, len(texts), max_tokens))["texts"]
+
+
+def _several_models(cmd: List[str], ckpt_dir: str, load_ckpt_dir: Optional[str], env: dict, scratch: Path,
+                    clients: int, max_tokens: int, repeats: int) -> dict:
+    from llama.tiny import make_tiny_checkpoint
+
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text()) if (Path(ckpt_dir) / "params.json").exists() \
+        else None
+    other = str(make_tiny_checkpoint(scratch / "b", seed=1, params=params)) if params else ckpt_dir
+    out: dict = {}
+    texts = prompts(clients, seed=11)
+    # Equal answers, and concurrent traffic to both models losing nothing.
+    singles = {}
+    for name, folder in (("a", ckpt_dir), ("b", other)):
+        port = _free_port()
+        one = list(cmd)
+        one[one.index("--port") + 1] = str(port)
+        one[one.index("--ckpt_dir") + 1] = folder
+        with _Server(one + ["--model_name", name], port, scratch / f"single-{name}.log", env) as server:
+            progress(f"{name} alone: {len(texts)} greedy requests")
+            singles[name] = _greedy_texts(server.url, name, texts, max_tokens)
+    port = _free_port()
+    with _Server(_with_cmd(cmd, port, [f"a={ckpt_dir}", f"b={other}"]), port, scratch / "both.log", env) as server:
+        progress(f"a and b in one server: {len(texts)} greedy requests each, then {clients} clients on each at once")
+        same = {name: _greedy_texts(server.url, name, texts, max_tokens) == singles[name] for name in "ab"}
+
+        async def both():
+            return await asyncio.gather(*(_level(server.url, name, texts, clients, max_tokens) for name in "ab"))
+
+        start = time.perf_counter()
+        runs = asyncio.run(both())
+        wall = time.perf_counter() - start
+        out["two_models"] = {
+            "same_greedy_texts_as_alone": same,
+            "concurrent": {"requests": 2 * len(texts), "answered": sum(len(r["texts"]) for r in runs),
+                           "same_texts_as_alone": all(r["texts"] == singles[n] for n, r in zip("ab", runs)),
+                           "tokens": sum(r["tokens"] for r in runs), "wall_s": wall,
+                           "tok_s": sum(r["tokens"] for r in runs) / wall,
+                           "per_model_tok_s": {n: r["tok_s"] for n, r in zip("ab", runs)}}}
+    # Loading on demand while another model streams.
+    load = load_ckpt_dir or other
+    port = _free_port()
+    demand = _with_cmd(cmd, port, [f"a={ckpt_dir}", f"b={load}", f"c={load}"],
+                       ["--max_loaded", "2", "--stream_interval", "0"])
+    samples = []
+    from llama.tokenizer import find_tokenizer, load_tokenizer
+
+    no_stop = {str(t): -100 for t in load_tokenizer(find_tokenizer(ckpt_dir, None)).stop_ids}  # a streams throughout
+    with _Server(demand, port, scratch / "demand.log", env) as server:
+        host = "127.0.0.1"
+        _greedy_texts(server.url, "a", texts[:1], 4)  # a loads
+        for r in range(repeats):
+            target = "bc"[r % 2]
+            progress(f"a streams while {target} loads ({r + 1}/{repeats})")
+
+            async def during():
+                done, streams = asyncio.Event(), []
+
+                async def keep_streaming():  # a's streams back to back until the other model has answered
+                    while not done.is_set():
+                        streams.append(await _stream(host, port, "/v1/completions", {
+                            "model": "a", "prompt": texts[0], "max_tokens": max_tokens, "logit_bias": no_stop}))
+
+                streaming = asyncio.create_task(keep_streaming())
+                await asyncio.sleep(5.0)  # the gaps before the load, to compare with
+                sent = time.perf_counter()
+                first = await _stream(host, port, "/v1/completions", {"model": target, "prompt": texts[1],
+                                                                       "max_tokens": 8})
+                await asyncio.sleep(1.0)
+                done.set()
+                await streaming
+                return streams, sent, first
+
+            streams, sent, first = asyncio.run(during())
+            answered = first["arrivals"][0] if first["arrivals"] else float("nan")
+            gaps = [(t, t - s) for a in streams for s, t in zip(a["arrivals"], a["arrivals"][1:])]
+            status = httpx.get(server.url + "/health").json()["models"][target]
+            samples.append({"model": target, "load_s": status["load_s"], "first_request_s": answered - sent,
+                            "a_streams": len(streams), "a_tokens": sum(a["tokens"] or 0 for a in streams),
+                            "a_gaps_before_ms": _gap_stats([g for t, g in gaps if t < sent]),
+                            "a_gaps_during_load_ms": _gap_stats([g for t, g in gaps if sent <= t <= answered]),
+                            "a_ttft_during_load_ms": [(a["arrivals"][0] - a["sent"]) * 1e3 for a in streams
+                                                      if a["arrivals"] and sent <= a["arrivals"][0] <= answered]})
+    out["load_on_demand"] = {"loads": samples, "load_ckpt_dir": load,
+                             "median_load_s": statistics.median(s["load_s"] for s in samples),
+                             "median_gap_p99_ms": {k: statistics.median(s[f"a_gaps_{k}_ms"]["p99"] for s in samples)
+                                                   for k in ("before", "during_load")},
+                             "largest_gap_during_loads_ms": max(s["a_gaps_during_load_ms"]["max"] for s in samples)}
+    return out
+
+
+def _gap_stats(gaps: List[float]) -> dict:
+    return {"n": len(gaps), "p50": _quantile(gaps, 0.5) * 1e3, "p99": _quantile(gaps, 0.99) * 1e3,
+            "max": max(gaps, default=float("nan")) * 1e3}
 
 
 def _hf_folder(ckpt_dir: str, out: Path, env: dict) -> str:

@@ -42,7 +42,8 @@ def _main_of(name):
     ("generate", ["--seed", "1", "--seed", "2"], "--seed is given twice"),
     ("chat", ["--sytem", "hi"], "did you mean --system?"),
     ("serve", ["--ckpt_dirr", "/x"], "did you mean --ckpt_dir?"),
-    ("serve", ["--model", "tiny=/x"], "unknown flag --model: did you mean --model_name?"),
+    ("serve", ["--modle", "tiny=/x"], "unknown flag --modle: did you mean --model?"),
+    ("serve", ["--model"], "--model needs at least one value"),
     ("serve", ["--no-page"], "unknown flag --no-page: did you mean --nopage?"),
     ("download", ["stories260K", "--dirr", "/x"], "did you mean --dir?"),
     ("download", [], "missing REPO"),
@@ -220,8 +221,9 @@ def served(monkeypatch):
     """llama-serve's main up to the point where it would serve: what it hands the server."""
     got = {}
 
-    def serve_rank0(build, service, config, sock):
-        got.update(build=build, service=service, config=config, address=sock.getsockname())
+    def serve_rank0(service, config, sock, preload=None):
+        g = Llama.build(**service.pool.spec(service.default).build)  # here: the demo's folder lasts while it serves
+        got.update(build=lambda: g, service=service, config=config, address=sock.getsockname())
         sock.close()
     monkeypatch.setattr("llama.serve.server.serve_rank0", serve_rank0)
     return got
@@ -237,18 +239,18 @@ def test_llama_serve_takes_the_context_and_name_from_the_checkpoint(served, tiny
     monkeypatch.setenv("LLAMA_API_KEY", "from-the-environment")
     assert cli.run(serve.main, ["--ckpt_dir", str(ckpt), "--port", "0", "--nopage", "--max_batch_size", "2"]) == 0
     service, config = served["service"], served["config"]
-    assert (service.model_name, service.max_seq_len) == ("my-model", 96)  # known before the model loads
+    assert (service.model_name, service.max_seq_len("my-model")) == ("my-model", 96)  # known before the model loads
     assert (config.api_key, config.page, served["address"][0]) == ("from-the-environment", False, "127.0.0.1")
     g = served["build"]()
     assert (g.max_seq_len, g.max_batch_size) == (96, 2)
     assert cli.run(serve.main, ["--ckpt_dir", str(ckpt), "--port", "0", "--max_seq_len", "48"]) == 0
-    assert served["service"].max_seq_len == 48 and served["build"]().max_seq_len == 48
+    assert served["service"].max_seq_len("my-model") == 48 and served["build"]().max_seq_len == 48
 
 
 def test_llama_serve_without_a_checkpoint_serves_the_demo(served, capsys):
     assert cli.run(serve.main, ["--port", "0", "--model_name", "0x1F", "--api_key", "k#1"]) == 0
     assert served["service"].model_name == "0x1F" and served["config"].api_key == "k#1"  # strings stay strings
-    assert served["service"].max_seq_len == 2048 and served["build"]().max_seq_len == 2048
+    assert served["service"].max_seq_len("0x1F") == 2048 and served["build"]().max_seq_len == 2048
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip
 
 from conftest import PROBE, probe  # noqa: E402
 from llama import Llama  # noqa: E402
+from llama.pool import ModelPool, ModelSpec  # noqa: E402
 from llama.serve import ServeConfig, Service, create_app  # noqa: E402
 from llama.serve.server import serve_in_thread  # noqa: E402
 
@@ -110,11 +111,11 @@ def test_health_turns_ready_only_once_the_engine_serves(tiny_ckpt, monkeypatch):
         serve(on_ready)
 
     monkeypatch.setattr(g, "serve_forever", slow_start)
-    service = Service(MODEL, 32)
+    service = Service(ModelPool(loaded={MODEL: g}), 32)
     seen = []
     watcher = threading.Thread(target=lambda: (entered.wait(10), seen.append(service.ready)))
     watcher.start()
-    service.start(g)
+    service.start()
     watcher.join(10)
     assert seen == [False] and service.ready
     service.stop()
@@ -387,7 +388,8 @@ def check_unknown_route(url, method, path, status, allow, headers=None):
 
 
 def test_health_models_and_no_cors_by_default(server, client):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": MODEL}
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": MODEL, "loaded": [MODEL],
+                                                        "models": {MODEL: {"state": "loaded", "load_s": None}}}
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == MAX_SEQ_LEN  # as vLLM's
@@ -593,7 +595,7 @@ def test_wrong_keys_are_throttled_per_client(keyed, probe_text):
 
 def test_a_key_http_cannot_carry_is_refused_at_start():
     """Issue 18, item 14: a non-ASCII key worked only when sent as latin-1 bytes; the openai client cannot send it."""
-    service = Service(MODEL, MAX_SEQ_LEN)
+    service = Service(ModelPool([ModelSpec(MODEL, {})]), MAX_SEQ_LEN)
     for key in ("clé-secrète", "two words", "tab\there", "日本"):
         with pytest.raises(ValueError, match=r"api_key holds a character that is not visible ASCII \(at position "
                                              r"\d+\): a key must be letters, digits and punctuation"):

@@ -229,3 +229,114 @@ def test_load_test_smoke():
     assert four["ttft_ms"]["p50"] > 0 and levels["4"]["ratios"]["ours / ours one at a time"]["median"] > 0
     assert levels["4"]["ours one at a time: same texts as ours"] is True  # greedy: batching changes nothing
     assert report["overhead"]["in_process_s_per_token"] > 0
+
+
+@pytest.fixture(scope="module")
+def beta_ckpt2(tmp_path_factory):
+    """Another model (other random weights, its own tokenizer), in 2 model-parallel shards."""
+    from llama.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("beta2") / "beta", num_shards=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def beta_ref(beta_ckpt2) -> Llama:
+    return Llama.build(str(beta_ckpt2), max_seq_len=256, max_batch_size=4, device="cpu")
+
+
+def ask_all(url, jobs):
+    """Greedy completions of (model, prompt, max_tokens) at once: their texts."""
+    got = [None] * len(jobs)
+
+    def ask(i):
+        name, prompt, n = jobs[i]
+        got[i] = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": name, "prompt": prompt, "max_tokens": n, "temperature": 0}).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
+
+
+def test_two_ranks_serve_two_models_side_by_side(jobs, tmp_path, tiny_ckpt2, beta_ckpt2, ref, beta_ref):
+    """Both models' engines busy at once under model parallelism: rank 0 runs their steps in turns, rank 1 follows
+    each step to its own engine; every answer is its model's alone."""
+    job = jobs(["--model", f"a={tiny_ckpt2}", "--model", f"b={beta_ckpt2}", "--max_seq_len", "256",
+                "--max_batch_size", "4", "--nopage"], free_port(), tmp_path, torchrun=True)
+    job.wait_healthy()
+    refs = {"a": ref, "b": beta_ref}
+    work = [("ab"[i % 2], p, 16) for i, p in enumerate(["The cat", "A dog ran to the park", "Once", "Two fish",
+                                                          "The happy bird sang", "One", "A red ball", "The king"])]
+    assert ask_all(job.url, work) == [refs[m].text_completion([p], temperature=0, max_gen_len=n)[0]["generation"]
+                                      for m, p, n in work]
+    os.kill(job.rank_pid(0), signal.SIGTERM)
+    assert job.wait(timeout=30) == 0, job.output()[-3000:]
+
+
+def test_two_ranks_load_and_unload_models_on_demand(jobs, tmp_path, tiny_ckpt2, beta_ckpt2, ref, beta_ref):
+    """At most 2 of 3 models loaded: b loads on every rank while a streams (its steps go on), then c's load
+    unloads the least recently used idle one on every rank; answers stay each model's own."""
+    job = jobs(["--model", f"a={tiny_ckpt2}", "--model", f"b={beta_ckpt2}", "--model", f"c={tiny_ckpt2}",
+                "--max_loaded", "2", "--max_seq_len", "256", "--max_batch_size", "4", "--nopage"],
+               free_port(), tmp_path, torchrun=True)
+    job.wait_healthy()
+    refs = {"a": ref, "b": beta_ref, "c": ref}
+
+    def expected(m, p, n):
+        return refs[m].text_completion([p], temperature=0, max_gen_len=n)[0]["generation"]
+
+    assert ask_all(job.url, [("a", "The cat", 8)]) == [expected("a", "The cat", 8)]
+    response, lines, http = open_stream(job.url, 200)  # the default model, a: open while b loads
+    assert ask_all(job.url, [("b", "Once", 12)]) == [expected("b", "Once", 12)]
+    chunks = rest_of_stream(lines)
+    http.close()
+    text = "".join(c["choices"][0]["text"] for c in chunks if isinstance(c, dict) and c.get("choices"))
+    assert expected("a", "The cat", 200).endswith(text) and len(text) > 0  # the stream went on, whole
+    health = httpx.get(job.url + "/health").json()
+    assert health["loaded"] == ["a", "b"]
+    assert ask_all(job.url, [("c", "Two fish", 12)]) == [expected("c", "Two fish", 12)]
+    assert httpx.get(job.url + "/health").json()["loaded"] == ["b", "c"]  # a was the least recently used
+    assert ask_all(job.url, [("a", "Once", 12), ("c", "The cat", 12)]) == [expected("a", "Once", 12),
+                                                                          expected("c", "The cat", 12)]
+    os.kill(job.rank_pid(0), signal.SIGTERM)
+    assert job.wait(timeout=30) == 0, job.output()[-3000:]
+    assert "unloading model 'a' to make room for 'c'" in job.output()
+
+
+def test_two_ranks_serve_adapters_chosen_per_request(jobs, tmp_path, tiny_ckpt, tiny_ckpt2):
+    """--lora NAME=DIR under model parallelism, and an adapter loaded and unloaded at run time: rank 0 takes
+    them, the other rank gets them with the next step; every answer is the merged model's."""
+    if not hasattr(Llama, "load_adapter"):
+        pytest.skip("unmerged adapters need Llama.load_adapter (the lora-mix branch)")
+    pytest.importorskip("peft")
+    from test_serve_adapters import peft_adapter
+
+    from llama.hf import write_hf
+    from llama.loading import open_checkpoint
+
+    hf_base = write_hf(open_checkpoint(tiny_ckpt), tmp_path / "hf_base")
+    sql, poems = peft_adapter(hf_base, tmp_path / "sql", 1), peft_adapter(hf_base, tmp_path / "poems", 2)
+    refs = {name: Llama.build(str(tiny_ckpt), lora=None if folder is None else str(folder), max_seq_len=256,
+                              max_batch_size=4, device="cpu")
+            for name, folder in (("base", None), ("sql", sql), ("poems", poems))}
+    job = jobs(["--ckpt_dir", str(tiny_ckpt2), "--model_name", "tiny", "--lora", f"sql={sql}", "--max_seq_len",
+                "256", "--max_batch_size", "4", "--nopage"], free_port(), tmp_path, torchrun=True)
+    job.wait_healthy()
+
+    def expected(model, prompt, n):
+        ref = refs["base" if model == "tiny" else model.split(":")[-1]]
+        return ref.text_completion([prompt], temperature=0, max_gen_len=n)[0]["generation"]
+
+    work = [(m, p, 12) for m in ("tiny", "sql", "tiny:sql") for p in ("The cat", "Once upon a time")]
+    assert ask_all(job.url, work) == [expected(*w) for w in work]
+    r = httpx.post(job.url + "/v1/load_lora_adapter", json={"lora_name": "poems", "lora_path": str(poems)}, timeout=60)
+    assert r.status_code == 200, r.text
+    work = [("poems", "The cat", 12), ("sql", "The cat", 12), ("tiny", "The cat", 12)]
+    assert ask_all(job.url, work) == [expected(*w) for w in work]
+    assert httpx.post(job.url + "/v1/unload_lora_adapter", json={"lora_name": "poems"}, timeout=60).status_code == 200
+    assert httpx.post(job.url + "/v1/completions", json={"model": "poems", "prompt": "x"}, timeout=60).status_code == 404
+    os.kill(job.rank_pid(0), signal.SIGTERM)
+    assert job.wait(timeout=30) == 0, job.output()[-3000:]

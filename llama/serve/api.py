@@ -41,23 +41,24 @@ _DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that 
 async def completions(service: Service, request: Request, body: dict) -> Response:
     req = params.parse(params.CompletionRequest, body)
     sampling = req.sampling()
-    g = service.admit()
-    if req.token_prompts:  # token ids, exactly as given
-        prompts = [list(p) for p in req.prompt]
-        vocab = g.model.vocab_size
-        bad = next((t for p in prompts for t in p if t >= vocab), None)
-        if bad is not None:
-            raise invalid(f"prompt holds token id {bad}: this model's ids are 0 to {vocab - 1}", "prompt")
-        texts = [g.tokenizer.decode(p) for p in prompts]
-    else:
-        texts = list(req.prompt)
-        try:
-            prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
-        except ValueError as e:  # e.g. a lone surrogate
-            raise invalid(f"prompt: {e}", "prompt") from None
-    max_new = [_max_new(g, len(p), sampling.max_tokens, "prompt") for p in prompts]
-    watch = service.watch(prompts, sampling, max_new)
-    answer = _Answer(g, service.model_name, "cmpl", "text_completion", sampling, prompts, texts)
+    with await service.admit(req.model) as m:
+        g = m.llama
+        if req.token_prompts:  # token ids, exactly as given
+            prompts = [list(p) for p in req.prompt]
+            vocab = g.model.vocab_size
+            bad = next((t for p in prompts for t in p if t >= vocab), None)
+            if bad is not None:
+                raise invalid(f"prompt holds token id {bad}: this model's ids are 0 to {vocab - 1}", "prompt")
+            texts = [g.tokenizer.decode(p) for p in prompts]
+        else:
+            texts = list(req.prompt)
+            try:
+                prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+            except ValueError as e:  # e.g. a lone surrogate
+                raise invalid(f"prompt: {e}", "prompt") from None
+        max_new = [_max_new(g, len(p), sampling.max_tokens, "prompt") for p in prompts]
+        watch = service.watch(m, prompts, sampling, max_new)
+    answer = _Answer(g, m.model, "cmpl", "text_completion", sampling, prompts, texts)
     if sampling.stream:
         return _sse(answer.stream(watch))
     if not await _wait(watch, request):
@@ -68,16 +69,17 @@ async def completions(service: Service, request: Request, body: dict) -> Respons
 async def chat_completions(service: Service, request: Request, body: dict) -> Response:
     req = params.parse(params.ChatRequest, body)
     sampling, dialog = req.sampling(), req.dialog()
-    g = service.admit()
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" \
-        else None
-    try:
-        prompt = g.encode_dialog(dialog, tools=tools)
-    except ValueError as e:  # reserved chat tags, roles out of order, tools in a format without them
-        raise invalid(f"messages: {e}", "tools" if "tool" in str(e) and tools else "messages") from None
-    max_new = [_max_new(g, len(prompt), sampling.max_tokens, "messages")]
-    watch = service.watch([prompt], sampling, max_new, decode_after=[])
-    answer = _Answer(g, service.model_name, "chatcmpl", "chat.completion", sampling, [prompt], None)
+    with await service.admit(req.model) as m:
+        g = m.llama
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" \
+            else None
+        try:
+            prompt = g.encode_dialog(dialog, tools=tools)
+        except ValueError as e:  # reserved chat tags, roles out of order, tools in a format without them
+            raise invalid(f"messages: {e}", "tools" if "tool" in str(e) and tools else "messages") from None
+        max_new = [_max_new(g, len(prompt), sampling.max_tokens, "messages")]
+        watch = service.watch(m, [prompt], sampling, max_new, decode_after=[])
+    answer = _Answer(g, m.model, "chatcmpl", "chat.completion", sampling, [prompt], None)
     if sampling.stream:
         return _sse(answer.stream(watch))
     if not await _wait(watch, request):
@@ -87,8 +89,9 @@ async def chat_completions(service: Service, request: Request, body: dict) -> Re
 
 async def tokenize(service: Service, body: dict) -> Response:
     """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": true} or {"messages": [...]} ->
-    {"count", "max_model_len", "tokens"}."""
-    g = service.admit()
+    {"count", "max_model_len", "tokens"}; `model` chooses the tokenizer."""
+    with await service.admit(body.get("model")) as m:
+        g = m.llama
     if "messages" in body:
         req = params.parse(params.ChatRequest, {"messages": body["messages"], "tools": body.get("tools")})
         try:
@@ -109,8 +112,9 @@ async def tokenize(service: Service, body: dict) -> Response:
 
 
 async def detokenize(service: Service, body: dict) -> Response:
-    """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> {"prompt": text}."""
-    g = service.admit()
+    """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> {"prompt": text}; `model` chooses the tokenizer."""
+    with await service.admit(body.get("model")) as m:
+        g = m.llama
     tokens, vocab = body.get("tokens"), g.model.vocab_size
     if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                              for t in tokens)):
@@ -118,12 +122,13 @@ async def detokenize(service: Service, body: dict) -> Response:
     return JSONResponse({"prompt": g.tokenizer.decode(tokens)})
 
 
-def tokenizer_info(service: Service) -> Response:
-    """`GET /tokenizer_info` (vLLM's): what a client needs to tokenize as the server does (lm-evaluation-harness
-    reads it, then uses /tokenize and /detokenize)."""
+async def tokenizer_info(service: Service, model: Optional[str] = None) -> Response:
+    """`GET /tokenizer_info` (vLLM's; `?model=NAME` chooses the model): what a client needs to tokenize as the
+    server does (lm-evaluation-harness reads it, then uses /tokenize and /detokenize)."""
     from llama.chat_templates import CHAT_TEMPLATES
 
-    g = service.admit()
+    with await service.admit(model) as m:
+        g = m.llama
     tok = g.tokenizer
     token = lambda i: None if i is None or i < 0 else tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
     return JSONResponse({"tokenizer_class": type(tok).__name__, "bos_token": token(tok.bos_id),

@@ -1,4 +1,10 @@
-"""The FastAPI app: the OpenAI routes, /health, /metrics, and the Gradio page at `/`.
+"""The FastAPI app: the OpenAI routes, vLLM's adapter routes, /health, /metrics, and the Gradio page at `/`.
+
+A request's `model` chooses among the models served (llama.serve.service): a model's name, an
+adapter's (`NAME` or `BASE:NAME`), or none for the first model; any other is a 404 that names those
+served. /v1/models lists every model (with `max_model_len`, and whether it is loaded) and adapter
+(with its `parent`); /health says which models are loaded. `POST /v1/load_lora_adapter` and
+`/v1/unload_lora_adapter` take vLLM's bodies ({"lora_name", "lora_path"}), behind the API key.
 
 Guards, outermost first: CORS (only with `cors`), the request body limit (413 beyond
 `max_body_bytes`, for every path), the page's login back-off, then per route the API key (401).
@@ -13,12 +19,12 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, List, Optional
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match
 
 from llama.serve import api
@@ -71,10 +77,12 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD too: some load balancers probe with it
     async def health() -> Response:
+        models = {name: {"state": st["state"], "load_s": st["load_s"]} for name, st in service.pool.status().items()}
+        loaded = [name for name, st in models.items() if st["state"] == "loaded"]
         if service.ready:
-            return JSONResponse({"status": "ok", "model": service.model_name})
+            return JSONResponse({"status": "ok", "model": service.default, "loaded": loaded, "models": models})
         status = "failed" if service.failure is not None else "stopping" if service.stopping else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": status, "loaded": loaded, "models": models}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -84,14 +92,31 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        return await _answer(service, request, guard, None, lambda body: _models(service))
+        async def every(body):
+            return JSONResponse({"object": "list", "data": _model_cards(service)})
+        return await _answer(service, request, guard, None, every)
 
     @app.get("/v1/models/{name:path}")
     async def model(request: Request, name: str) -> Response:
         async def one(body):
-            _check_model(service, name)
-            return JSONResponse(_model_card(service))
+            base, adapter = service.resolve(name)
+            return JSONResponse(next(c for c in _model_cards(service) if c["id"] == (adapter or base)))
         return await _answer(service, request, guard, None, one)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        async def load(body):
+            name = await service.load_adapter(body.get("lora_name"), body.get("lora_path"),
+                                               body.get("base_model_name"), body.get("load_inplace") is True)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        return await _answer(service, request, guard, "body", load, check_model=False)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        async def unload(body):
+            name = await service.unload_adapter(body.get("lora_name"))
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        return await _answer(service, request, guard, "body", unload, check_model=False)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -114,7 +139,7 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
     @app.get("/tokenizer_info")
     async def tokenizer_info(request: Request) -> Response:
         async def info(body):
-            return api.tokenizer_info(service)
+            return await api.tokenizer_info(service, request.query_params.get("model"))
         return await _answer(service, request, guard, None, info)
 
     async def unknown(request: Request) -> Response:
@@ -126,8 +151,9 @@ def create_app(service: Service, config: ServeConfig) -> FastAPI:
             if allowed:
                 raise APIError(405, f"{target} is not allowed: use {' or '.join(allowed)}", code="method_not_allowed",
                                headers={"Allow": ", ".join(allowed)})
-            raise APIError(404, f"Invalid URL ({target}): this server serves /v1/models, /v1/completions and "
-                           "/v1/chat/completions", code="not_found")
+            raise APIError(404, f"Invalid URL ({target}): this server serves /v1/models, /v1/completions, "
+                           "/v1/chat/completions, /v1/load_lora_adapter and /v1/unload_lora_adapter",
+                           code="not_found")
         return await _answer(service, request, open_guard if request.url.path == "/health" else guard, None, refuse)
 
     for path in ("/v1/{path:path}", "/health", "/metrics"):  # after the routes: only what they do not take
@@ -168,13 +194,14 @@ class _Guard:
 
 
 async def _answer(service: Service, request: Request, guard: _Guard, body: Optional[str],
-                  handle: Callable[[Optional[dict]], Awaitable[Response]]) -> Response:
-    """Check the key, read the JSON body (with `body`), run `handle`; count the answer by status."""
+                  handle: Callable[[Optional[dict]], Awaitable[Response]], check_model: bool = True) -> Response:
+    """Check the key, read the JSON body (with `body`) and its model's name, run `handle`; count the answer by
+    status."""
     try:
         guard.check(request)
         data = await _json(request) if body else None
-        if data is not None and data.get("model") is not None:
-            _check_model(service, data["model"])
+        if check_model and data is not None and data.get("model") is not None:
+            service.resolve(data["model"])  # a 404 before any 400 about the rest of the body
         response = await handle(data)
     except APIError as e:
         response = e.response()
@@ -203,17 +230,15 @@ async def _json(request: Request) -> dict:
     return data
 
 
-def _check_model(service: Service, name) -> None:
-    if name != service.model_name:
-        raise APIError(404, f"the model {name!r} does not exist: this server serves {service.model_name!r}",
-                       param="model", code="model_not_found")
-
-
-def _model_card(service: Service) -> dict:
-    """OpenAI's model object, with the context length as vLLM reports it (`max_model_len`)."""
-    return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "llama",
-            "max_model_len": service.max_seq_len}
-
-
-async def _models(service: Service) -> Response:
-    return JSONResponse({"object": "list", "data": [_model_card(service)]})
+def _model_cards(service: Service) -> List[dict]:
+    """OpenAI's model objects, with each model's context length as vLLM reports it (`max_model_len`) and
+    whether it is loaded now; each adapter's names its base as `parent`, as vLLM's do."""
+    status = service.pool.status()
+    cards = [{"id": name, "object": "model", "created": service.created, "owned_by": "llama", "root": name,
+              "parent": None, "max_model_len": service.max_seq_len(name), "loaded": status[name]["state"] == "loaded"}
+             for name in service.pool.names]
+    for adapter, (base, _) in sorted(service.adapters().items()):
+        cards.append({"id": adapter, "object": "model", "created": service.created, "owned_by": "llama",
+                      "root": base, "parent": base, "max_model_len": service.max_seq_len(base),
+                      "loaded": status[base]["state"] == "loaded"})
+    return cards

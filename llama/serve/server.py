@@ -17,13 +17,14 @@ import socket
 import threading
 import time
 from http import HTTPStatus
-from typing import Callable, Optional
+from typing import Optional, Sequence, Union
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llama.generation import Llama
+from llama.pool import ModelPool
 from llama.serve.app import ServeConfig, create_app
 from llama.serve.errors import APIError
 from llama.serve.service import STREAM_INTERVAL_S, Service
@@ -167,30 +168,27 @@ def uvicorn_config(app, config: ServeConfig, log_level: str = "info") -> uvicorn
                           lifespan="on", http=guarded(config))
 
 
-def serve_rank0(build: Callable[[], Llama], service: Service, config: ServeConfig, sock: socket.socket) -> None:
-    """Answer on `sock` at once (503 while loading), load the model with `build` in a thread, serve until
-    a signal. Raises what `build` raised; SystemExit(1) if the engine failed (e.g. a rank died)."""
+def serve_rank0(service: Service, config: ServeConfig, sock: socket.socket,
+                preload: Optional[Sequence[str]] = None) -> None:
+    """Answer on `sock` at once (503 while the models that load at start load, in a thread), serve until a
+    signal. Raises what a load at start raised; SystemExit(1) if an engine failed (e.g. a rank died)."""
     server = Server(uvicorn_config(create_app(service, config), config), service)
     loaded = threading.Event()
     errors = []
 
     def load() -> None:
         try:
-            g = build()
+            service.start(preload)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-            server.exit()
+            if not service.stopping:  # a stop during the loads ends them: that is no error
+                errors.append(e)
+                server.exit()
+            loaded.set()
             return
-        if service.stopping:
-            g.shutdown()
-        else:
-            service.start(g)
-            if service.stopping:  # the stop came while it started, and found no model to shut down
-                service.stop()
-            else:
-                host, port = sock.getsockname()[:2]
-                log.info("ready: %s on http://%s:%d (the page at /, the OpenAI API at /v1)",
-                         service.model_name, host, port)
+        if not service.stopping:
+            host, port = sock.getsockname()[:2]
+            names = ", ".join(service.pool.names)
+            log.info("ready: %s on http://%s:%d (the page at /, the OpenAI API at /v1)", names, host, port)
         loaded.set()
 
     loading = threading.Thread(target=load, name="llama-load", daemon=True)
@@ -199,8 +197,8 @@ def serve_rank0(build: Callable[[], Llama], service: Service, config: ServeConfi
     service.stop()
     if not loaded.is_set() and not errors:
         # An interpreter that exits under a thread still in torch's C++ aborts; and under model parallelism the
-        # other ranks end only when the loaded model is shut down (load() does it).
-        log.info("stopped while the model was loading: exiting once the load ends")
+        # other ranks end only once the pool has stopped, after the load under way.
+        log.info("stopped while a model was loading: exiting once the load ends")
         loading.join()
     if errors:
         raise errors[0]
@@ -227,15 +225,17 @@ class RunningServer:
         self.stop()
 
 
-def serve_in_thread(g: Llama, host: str = "127.0.0.1", port: int = 0, config: Optional[ServeConfig] = None,
-                    model_name: str = "llama", max_queue: int = 256, stream_interval: float = STREAM_INTERVAL_S,
-                    timeout: float = 60.0) -> RunningServer:
-    """Serve `g` (model-parallel size 1) from a background thread, once it answers. No signal handlers."""
-    service = Service(model_name, g.max_seq_len, max_queue, stream_interval)
+def serve_in_thread(models: Union[Llama, ModelPool], host: str = "127.0.0.1", port: int = 0,
+                    config: Optional[ServeConfig] = None, model_name: str = "llama", max_queue: int = 256,
+                    stream_interval: float = STREAM_INTERVAL_S, timeout: float = 60.0) -> RunningServer:
+    """Serve `models` (model-parallel size 1) from a background thread, once it answers: one Llama, named
+    `model_name`, or a ModelPool of several (those that load at start loaded first). No signal handlers."""
+    pool = models if isinstance(models, ModelPool) else ModelPool(loaded={model_name: models})
+    service = Service(pool, max_queue, stream_interval)
     config = config or ServeConfig()
     server = Server(uvicorn_config(create_app(service, config), config, log_level="warning"), service)
     sock = bind(host, port)
-    service.start(g)
+    service.start()
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llama-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -117,9 +117,18 @@ class Watch:
         self.failure: Optional[BaseException] = None  # the engine died under it (`fail`)
         self.pump = pump = Pump.of_running_loop(interval)
         self.completions: List[Completion] = []
+        # The engine's callbacks hold the watch weakly: a strong hold would make a cycle (watch, completion, its
+        # request, the callback) that keeps the model alive after an unload until a garbage collection.
+        me = weakref.ref(self)
+
+        def on_change(i: int) -> None:
+            watch = me()
+            if watch is not None:
+                watch._changed(pump, i)
+
         try:
             for i, submit in enumerate(submits):
-                self.completions.append(submit(lambda i=i: self._changed(pump, i)))
+                self.completions.append(submit(lambda i=i: on_change(i)))
         except BaseException:
             self.cancel()
             raise
