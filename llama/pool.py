@@ -116,11 +116,11 @@ class ModelPool:
                                  "KV cache): raise --memory_gb, or shrink the model (a 16-bit dtype, quantize, a "
                                  "smaller max_seq_len or max_batch_size)")
         self._entries: Dict[str, _Entry] = {s.name: _Entry(s.name, s, nbytes=s.estimate) for s in specs}
-        for name, g in (loaded or {}).items():
+        for name, generator in (loaded or {}).items():
             from llama.loading import model_bytes
 
-            self._entries[name] = _Entry(name, None, g, "loaded", nbytes=model_bytes(g.model), loads=1,
-                                         adapters=_adapters_of(g))
+            self._entries[name] = _Entry(name, None, generator, "loaded", nbytes=model_bytes(generator.model),
+                                         loads=1, adapters=_adapters_of(generator))
         self.on_failure = on_failure
         self.failure: Optional[BaseException] = None
         self._lock = threading.Condition()
@@ -323,19 +323,19 @@ class ModelPool:
         log.info("loading model %r", e.name)
         self._send(("load", e.name))
         try:
-            g = _build(e.spec)
+            generator = _build(e.spec)
         except BaseException:
             self._send(("unload", e.name))  # whatever the other ranks built
             raise
         if e.spec.build.get("compile"):  # every rank, between other models' steps
-            self._send(("compile", e.name), then=g.compile_all)
-        e.llama, e.nbytes = g, model_bytes(g.model)
+            self._send(("compile", e.name), then=generator.compile_all)
+        e.llama, e.nbytes = generator, model_bytes(generator.model)
         self._serve(e)
         adapters = dict(e.spec.adapters)
         e.adapters = {}
         for adapter, path in adapters.items():
             try:
-                g.load_adapter(adapter, path)
+                generator.load_adapter(adapter, path)
                 e.adapters[adapter] = path
             except Exception as exc:  # noqa: BLE001 - the base serves on: checked at start, this is rare
                 log.error("model %r: adapter %r from %s could not be loaded: %s", e.name, adapter, path, exc)
@@ -346,19 +346,19 @@ class ModelPool:
 
     def _serve(self, e: _Entry) -> None:
         """Run `e`'s engine in a thread of its own, and return once it takes requests."""
-        g = e.llama
-        g.engine.tag = e.name if e.spec is not None else None
+        generator = e.llama
+        generator.engine.tag = e.name if e.spec is not None else None
         ready = threading.Event()
-        e.thread = threading.Thread(target=self._serve_forever, args=(e, g, ready.set), daemon=True,
+        e.thread = threading.Thread(target=self._serve_forever, args=(e, generator, ready.set), daemon=True,
                                     name=f"llama-engine-{e.name}")
         e.thread.start()
         while not ready.wait(timeout=0.1):
             if not e.thread.is_alive():
                 raise self.failure or RuntimeError(f"the engine of model {e.name!r} did not start")
 
-    def _serve_forever(self, e: _Entry, g: Llama, on_ready: Callable[[], None]) -> None:
+    def _serve_forever(self, e: _Entry, generator: Llama, on_ready: Callable[[], None]) -> None:
         try:
-            g.serve_forever(on_ready=on_ready)
+            generator.serve_forever(on_ready=on_ready)
         except BaseException as exc:  # noqa: BLE001 - a rank died under model parallelism, or a bug
             log.error("the engine stopped (model %r): %s: %s; the requests in flight got an error", e.name,
                       type(exc).__name__, exc)
@@ -439,9 +439,9 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def _build(spec: ModelSpec) -> Llama:
-    g = Llama.build(**spec.build)
-    g.engine.tag = spec.name
-    return g
+    generator = Llama.build(**spec.build)
+    generator.engine.tag = spec.name
+    return generator
 
 
 def _build_in_thread(spec: ModelSpec) -> Future:
@@ -472,12 +472,12 @@ def _lower_priority() -> None:
         pass
 
 
-def _idle(g: Llama) -> bool:
-    return g.engine.pending() == (0, 0)
+def _idle(generator: Llama) -> bool:
+    return generator.engine.pending() == (0, 0)
 
 
-def _adapters_of(g: Llama) -> Dict[str, str]:
-    return dict(getattr(g, "adapters", None) or {})
+def _adapters_of(generator: Llama) -> Dict[str, str]:
+    return dict(getattr(generator, "adapters", None) or {})
 
 
 def _free_memory() -> None:

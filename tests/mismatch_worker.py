@@ -14,10 +14,10 @@ def main(ckpt_dir: str, case: str) -> None:
         calls = iter(range(1000))
         logits = g.model.logits
 
-        def failing(h):  # as an out-of-memory would, three steps in, on this rank only
+        def failing(h, *adapters):  # as an out-of-memory would, three steps in, on this rank only
             if next(calls) == 3:
                 raise RuntimeError("simulated out of memory on rank 1")
-            return logits(h)
+            return logits(h, *adapters)
 
         g.model.logits = failing
     elif dist.get_rank() == 1:

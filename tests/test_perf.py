@@ -68,7 +68,8 @@ def test_compiled_decode_reads_the_cache_in_growing_buckets(tiny_ckpt):
     compiled = Llama.build(str(tiny_ckpt), compile=True, **kwargs)
     prompts = [[1] + [(7 * i) % 250 + 3 for i in range(118)], [1, 5, 9]]  # the first crosses 128 keys
     assert compiled.compile_all() == 4  # (1 or 2 rows) x (128 or 200 keys), before any request
-    assert sorted(compiled.model.compiled.by_width) == [8, 13]  # blocks of 16 positions: 128 and 200 keys
+    # blocks of 16 positions: 128 and 200 keys, without adapters
+    assert sorted(compiled.model.compiled.by_width) == [(8, False), (13, False)]
     graphs = counters["stats"]["unique_graphs"]
     expected = plain.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
     got = compiled.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)

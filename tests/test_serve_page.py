@@ -378,7 +378,7 @@ def test_the_page_in_a_real_browser(browsed, browser, tmp_path, monkeypatch):
         def choose(name):
             driver.find_element(By.CSS_SELECTOR, "#model input").click()
             wait.until(lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]")
-                                       if o.text.strip().splitlines()[-1] == name), None)).click()  # "✓" first
+                                       if o.text.strip().endswith(name)), None)).click()  # "✓" and a newline first
 
         choose(other)
         wait.until(lambda d: js("const n = document.querySelector('#notice'); return !n || n.offsetParent === null"))

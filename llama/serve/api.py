@@ -42,23 +42,23 @@ async def completions(service: Service, request: Request, body: dict) -> Respons
     req = params.parse(params.CompletionRequest, body)
     sampling = req.sampling()
     with await service.admit(req.model) as m:
-        g = m.llama
+        generator = m.llama
         if req.token_prompts:  # token ids, exactly as given
             prompts = [list(p) for p in req.prompt]
-            vocab = g.model.vocab_size
+            vocab = generator.model.vocab_size
             bad = next((t for p in prompts for t in p if t >= vocab), None)
             if bad is not None:
                 raise invalid(f"prompt holds token id {bad}: this model's ids are 0 to {vocab - 1}", "prompt")
-            texts = [g.tokenizer.decode(p) for p in prompts]
+            texts = [generator.tokenizer.decode(p) for p in prompts]
         else:
             texts = list(req.prompt)
             try:
-                prompts = [g.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+                prompts = [generator.tokenizer.encode(t, bos=True, eos=False) for t in texts]
             except ValueError as e:  # e.g. a lone surrogate
                 raise invalid(f"prompt: {e}", "prompt") from None
-        max_new = [_max_new(g, len(p), sampling.max_tokens, "prompt") for p in prompts]
+        max_new = [_max_new(generator, len(p), sampling.max_tokens, "prompt") for p in prompts]
         watch = service.watch(m, prompts, sampling, max_new)
-    answer = _Answer(g, m.model, "cmpl", "text_completion", sampling, prompts, texts)
+    answer = _Answer(generator, m.model, "cmpl", "text_completion", sampling, prompts, texts)
     if sampling.stream:
         return _sse(answer.stream(watch))
     if not await _wait(watch, request):
@@ -70,16 +70,16 @@ async def chat_completions(service: Service, request: Request, body: dict) -> Re
     req = params.parse(params.ChatRequest, body)
     sampling, dialog = req.sampling(), req.dialog()
     with await service.admit(req.model) as m:
-        g = m.llama
+        generator = m.llama
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" \
             else None
         try:
-            prompt = g.encode_dialog(dialog, tools=tools)
+            prompt = generator.encode_dialog(dialog, tools=tools)
         except ValueError as e:  # reserved chat tags, roles out of order, tools in a format without them
             raise invalid(f"messages: {e}", "tools" if "tool" in str(e) and tools else "messages") from None
-        max_new = [_max_new(g, len(prompt), sampling.max_tokens, "messages")]
+        max_new = [_max_new(generator, len(prompt), sampling.max_tokens, "messages")]
         watch = service.watch(m, [prompt], sampling, max_new, decode_after=[])
-    answer = _Answer(g, m.model, "chatcmpl", "chat.completion", sampling, [prompt], None)
+    answer = _Answer(generator, m.model, "chatcmpl", "chat.completion", sampling, [prompt], None)
     if sampling.stream:
         return _sse(answer.stream(watch))
     if not await _wait(watch, request):
@@ -91,11 +91,11 @@ async def tokenize(service: Service, body: dict) -> Response:
     """`POST /tokenize` (vLLM's shape): {"prompt": text, "add_special_tokens": true} or {"messages": [...]} ->
     {"count", "max_model_len", "tokens"}; `model` chooses the tokenizer."""
     with await service.admit(body.get("model")) as m:
-        g = m.llama
+        generator = m.llama
     if "messages" in body:
         req = params.parse(params.ChatRequest, {"messages": body["messages"], "tools": body.get("tools")})
         try:
-            tokens = g.encode_dialog(req.dialog(), tools=[t.model_dump(exclude_none=True) for t in req.tools]
+            tokens = generator.encode_dialog(req.dialog(), tools=[t.model_dump(exclude_none=True) for t in req.tools]
                                      if req.tools else None)
         except ValueError as e:
             raise invalid(f"messages: {e}", "messages") from None
@@ -105,21 +105,21 @@ async def tokenize(service: Service, body: dict) -> Response:
             raise invalid('the body must be {"prompt": text, "add_special_tokens": true|false} or {"messages": '
                           "[...]}", "prompt")
         try:
-            tokens = g.tokenizer.encode(prompt, bos=special, eos=False)
+            tokens = generator.tokenizer.encode(prompt, bos=special, eos=False)
         except ValueError as e:
             raise invalid(f"prompt: {e}", "prompt") from None
-    return JSONResponse({"count": len(tokens), "max_model_len": g.max_seq_len, "tokens": tokens})
+    return JSONResponse({"count": len(tokens), "max_model_len": generator.max_seq_len, "tokens": tokens})
 
 
 async def detokenize(service: Service, body: dict) -> Response:
     """`POST /detokenize` (vLLM's shape): {"tokens": [ids]} -> {"prompt": text}; `model` chooses the tokenizer."""
     with await service.admit(body.get("model")) as m:
-        g = m.llama
-    tokens, vocab = body.get("tokens"), g.model.vocab_size
+        generator = m.llama
+    tokens, vocab = body.get("tokens"), generator.model.vocab_size
     if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                              for t in tokens)):
         raise invalid(f"tokens must be a list of token ids from 0 to {vocab - 1}", "tokens")
-    return JSONResponse({"prompt": g.tokenizer.decode(tokens)})
+    return JSONResponse({"prompt": generator.tokenizer.decode(tokens)})
 
 
 async def tokenizer_info(service: Service, model: Optional[str] = None) -> Response:
@@ -128,18 +128,19 @@ async def tokenizer_info(service: Service, model: Optional[str] = None) -> Respo
     from llama.chat_templates import CHAT_TEMPLATES
 
     with await service.admit(model) as m:
-        g = m.llama
-    tok = g.tokenizer
+        generator = m.llama
+    tok = generator.tokenizer
     token = lambda i: None if i is None or i < 0 else tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
     return JSONResponse({"tokenizer_class": type(tok).__name__, "bos_token": token(tok.bos_id),
                          "eos_token": token(tok.eos_id), "pad_token": token(tok.pad_id),
-                         "chat_template": CHAT_TEMPLATES.get(g.chat_format), "model_max_length": g.max_seq_len,
-                         "vocab_size": g.model.vocab_size})
+                         "chat_template": CHAT_TEMPLATES.get(generator.chat_format),
+                         "model_max_length": generator.max_seq_len,
+                         "vocab_size": generator.model.vocab_size})
 
 
-def _max_new(g: Llama, prompt_len: int, max_tokens: Optional[int], what: str) -> int:
+def _max_new(generator: Llama, prompt_len: int, max_tokens: Optional[int], what: str) -> int:
     """max_tokens, or all the room left; 400 when the prompt and max_tokens overflow max_seq_len."""
-    limit = g.max_seq_len
+    limit = generator.max_seq_len
     if prompt_len >= limit:
         raise invalid(f"the {what} is {prompt_len} tokens long: this model's context is max_seq_len={limit} tokens "
                       "(the server's --max_seq_len), with room for at least one new token; shorten it", what,
@@ -201,9 +202,9 @@ def _engine_error(watch: Watch, index: int) -> APIError:
 class _Answer:
     """The response of one request: its id, its choices' text and log-probabilities, its usage."""
 
-    def __init__(self, g: Llama, model: str, prefix: str, kind: str, sampling: Sampling, prompts: List[List[int]],
-                 texts: Optional[List[str]]):
-        self.g, self.model, self.kind, self.sampling = g, model, kind, sampling
+    def __init__(self, generator: Llama, model: str, prefix: str, kind: str, sampling: Sampling,
+                 prompts: List[List[int]], texts: Optional[List[str]]):
+        self.generator, self.model, self.kind, self.sampling = generator, model, kind, sampling
         self.chat = texts is None
         self.prompts, self.texts = prompts, texts
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -274,7 +275,7 @@ class _Answer:
         return {"tokens": strings, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def _bytes(self, token: int) -> bytes:
-        return self.g.tokenizer.token_bytes(token)
+        return self.generator.tokenizer.token_bytes(token)
 
     def _text(self, token: int) -> str:
         """A token's text; bytes that are not whole UTF-8 characters as OpenAI writes them ("bytes:\\xe4")."""
@@ -291,7 +292,7 @@ class _Answer:
         """Each token's text as it reads after the one before it (so SentencePiece's spaces stay)."""
         out = []
         for t in tokens:
-            out.append(self.g.decode_continuation(context, [t]))
+            out.append(self.generator.decode_continuation(context, [t]))
             context = [t]
         return out
 

@@ -69,8 +69,8 @@ class _EngineCollector:
                 load_s.add_metric([name], status["load_s"])
         yield from (loaded, loads, load_s)
         families: dict = {}
-        for model, g in pool.loaded().items():
-            engine = g.engine
+        for model, generator in pool.loaded().items():
+            engine = generator.engine
             s = engine.stats
             waiting, running = engine.pending()
             for kind, name, help_, value in (

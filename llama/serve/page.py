@@ -113,12 +113,12 @@ def build_page(service: Service) -> gr.Blocks:
         """The prompt and its completion, as it grows."""
         try:
             with await service.admit(model or None) as m:
-                g = m.llama
-                tokens = await asyncio.to_thread(g.tokenizer.encode, prompt or "", bos=True, eos=False)
-                room = g.max_seq_len - len(tokens)
+                generator = m.llama
+                tokens = await asyncio.to_thread(generator.tokenizer.encode, prompt or "", bos=True, eos=False)
+                room = generator.max_seq_len - len(tokens)
                 if room < 1:
                     raise _error(f"the prompt is {len(tokens)} tokens long: this model's context is "
-                                 f"{g.max_seq_len} tokens; shorten it")
+                                 f"{generator.max_seq_len} tokens; shorten it")
                 watch = service.watch(m, [tokens], _sampling(seed, temperature, top_p, repetition_penalty),
                                       [min(int(max_tokens), room)])
         except (APIError, ValueError) as e:
@@ -133,9 +133,9 @@ def build_page(service: Service) -> gr.Blocks:
         """The assistant's answer to the conversation so far, as it grows."""
         try:
             with await service.admit(model or None) as m:
-                g = m.llama
-                prompt = await asyncio.to_thread(chat_prompt, g, system, history, message, int(max_tokens))
-                room = g.max_seq_len - len(prompt)
+                generator = m.llama
+                prompt = await asyncio.to_thread(chat_prompt, generator, system, history, message, int(max_tokens))
+                room = generator.max_seq_len - len(prompt)
                 watch = service.watch(m, [prompt], _sampling(seed, temperature, top_p, repetition_penalty),
                                       [min(int(max_tokens), room)], decode_after=[])
         except (APIError, ValueError) as e:
@@ -294,7 +294,7 @@ def _text(content) -> str:
     return ""
 
 
-def _dialog(g, system: str, history: List[dict], message: str) -> List[dict]:
+def _dialog(generator, system: str, history: List[dict], message: str) -> List[dict]:
     """The conversation as a dialog; the model's own answers lose any reserved chat tag they wrote, which
     would make every later prompt refuse the history."""
     dialog = [{"role": "system", "content": system}] if system and system.strip() else []
@@ -303,7 +303,7 @@ def _dialog(g, system: str, history: List[dict], message: str) -> List[dict]:
             continue
         text = _text(m.get("content"))
         if m["role"] == "assistant":
-            text = strip_reserved_tags(g.tokenizer, text, g.chat_format)
+            text = strip_reserved_tags(generator.tokenizer, text, generator.chat_format)
         if dialog and dialog[-1]["role"] == m["role"]:  # Gradio may split one turn into several messages
             dialog[-1]["content"] += text
         else:
@@ -311,16 +311,16 @@ def _dialog(g, system: str, history: List[dict], message: str) -> List[dict]:
     return dialog + [{"role": "user", "content": message}]
 
 
-def chat_prompt(g, system: str, history: List[dict], message: str, max_tokens: int) -> List[int]:
+def chat_prompt(generator, system: str, history: List[dict], message: str, max_tokens: int) -> List[int]:
     """The prompt tokens answering `message` after `history` (at most MAX_HISTORY messages)."""
     if not isinstance(history, list) or len(history) > MAX_HISTORY:
         size = len(history) if isinstance(history, list) else type(history).__name__
         raise ValueError(f"the conversation holds {size} messages, more than the page keeps ({MAX_HISTORY}): "
                          "clear it and start a new one")
-    return _fit(g, _dialog(g, system, history, message), max_tokens)
+    return _fit(generator, _dialog(generator, system, history, message), max_tokens)
 
 
-def _fit(g, dialog: List[dict], max_tokens: int) -> List[int]:
+def _fit(generator, dialog: List[dict], max_tokens: int) -> List[int]:
     """The prompt of `dialog` with as many of its newest exchanges as leave max_tokens (or at least one
     token) free.
 
@@ -335,13 +335,13 @@ def _fit(g, dialog: List[dict], max_tokens: int) -> List[int]:
 
     def prompt(keep: int) -> List[int]:  # the newest `keep` exchanges and the new message
         if keep not in encoded:
-            encoded[keep] = g.encode_dialog(head + turns[len(turns) - 1 - 2 * keep:])
+            encoded[keep] = generator.encode_dialog(head + turns[len(turns) - 1 - 2 * keep:])
         return encoded[keep]
 
     def fits(keep: int) -> bool:
-        return len(prompt(keep)) + max_tokens <= g.max_seq_len
+        return len(prompt(keep)) + max_tokens <= generator.max_seq_len
 
-    most = min(len(turns) // 2, g.max_seq_len // 2)
+    most = min(len(turns) // 2, generator.max_seq_len // 2)
     good, bad = 0, most + 1  # fits(good) or good == 0; not fits(bad) or bad > most
     keep = 1
     while keep <= most and fits(keep):
@@ -351,6 +351,7 @@ def _fit(g, dialog: List[dict], max_tokens: int) -> List[int]:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     tokens = prompt(good)
-    if len(tokens) >= g.max_seq_len:
-        raise ValueError(f"the message does not fit in this model's context of {g.max_seq_len} tokens: shorten it")
+    if len(tokens) >= generator.max_seq_len:
+        raise ValueError(f"the message does not fit in this model's context of {generator.max_seq_len} tokens: "
+                         "shorten it")
     return tokens

@@ -110,8 +110,8 @@ class Service:
         return spec.description if spec is not None else ""
 
     def max_seq_len(self, base: str) -> int:
-        g = self.pool.loaded().get(base)
-        return g.max_seq_len if g is not None else self.pool.spec(base).max_seq_len
+        generator = self.pool.loaded().get(base)
+        return generator.max_seq_len if generator is not None else self.pool.spec(base).max_seq_len
 
     def resolve(self, name) -> Tuple[str, Optional[str]]:
         """(base model, adapter or None) of a request's `model`: a model's name, an adapter's, or BASE:ADAPTER;
@@ -203,18 +203,18 @@ class Service:
               decode_after: Optional[List[int]] = None) -> Watch:
         """Submit `sampling.n` choices of each prompt (choice k of prompt i seeded seed + i * n + k) to the
         admitted model: all of them, or none with the error."""
-        g = m.llama
+        generator = m.llama
         n = sampling.n
-        room = g.max_batch_size + self.max_queue
+        room = generator.max_batch_size + self.max_queue
         if len(prompts) * n > room:  # could never be admitted: a 429's "retry later" would be a lie
             raise invalid(f"{len(prompts)} prompt(s) x n={n} make {len(prompts) * n} completions, more than this "
-                          f"server holds at once ({g.max_batch_size} running + {self.max_queue} waiting): send "
-                          "fewer in one request", "prompt" if len(prompts) > 1 else "n")
+                          f"server holds at once ({generator.max_batch_size} running + {self.max_queue} waiting): "
+                          "send fewer in one request", "prompt" if len(prompts) > 1 else "n")
         more = {} if m.adapter is None else {"adapter": m.adapter}
 
         def submit(i: int, k: int) -> Callable[[Callable[[], None]], Completion]:
             seed = None if sampling.seed is None else sampling.seed + i * n + k
-            return lambda on_change: g.submit(
+            return lambda on_change: generator.submit(
                 prompts[i], max_new[i], seed=seed, echo=sampling.echo, params=sampling.params,
                 decode_after=decode_after, max_waiting=self.max_queue, on_change=on_change, **more)
 
@@ -324,8 +324,8 @@ class Service:
         return self._admin
 
 
-def _loaded_adapters(g: Llama) -> Dict[str, str]:
-    return dict(getattr(g, "adapters", None) or {})
+def _loaded_adapters(generator: Llama) -> Dict[str, str]:
+    return dict(getattr(generator, "adapters", None) or {})
 
 
 def _quote(name) -> str:
