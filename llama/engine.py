@@ -329,6 +329,10 @@ class Engine:
                 while self._stopped is None and not self._serving:
                     if not self._step() and not self._wake.wait(timeout=_IDLE_EXIT_S) and not self._requests:
                         break  # idle: end, so that a dropped Llama is not kept alive by its thread
+            except BaseException as e:  # a bug: the waiters must hear of it rather than wait forever
+                self._stopped = f"the engine's thread failed: {type(e).__name__}: {e}"
+                self._fail_pending()
+                raise
             finally:
                 self._driver = None
                 self._wake_waiters()
@@ -497,14 +501,19 @@ class Engine:
             if e.cached_tokens is not None:
                 r.cached_tokens = e.cached_tokens
             reason = e.finish_reason
+            error = None if e.error is None else LogitsError(e.error)
             if e.token is not None:
                 self.stats.generated_tokens += 1
-                if r.add(e.token, e.logprob, e.top) and reason is None:
-                    reason = "stop"  # a stop string: the scheduler learns it from here
-                    if self.leader:
-                        self.scheduler.finish(r.id, reason)
+                try:
+                    stopped = r.add(e.token, e.logprob, e.top)
+                except Exception as failure:  # noqa: BLE001 - e.g. its text; the request fails, not the engine
+                    stopped, error = True, failure
+                if stopped:  # a stop string, or a failure: the scheduler learns it from here
+                    if reason is None and self.leader:
+                        self.scheduler.finish(r.id, "stop" if error is None else "error")
+                    reason = "error" if error is not None else reason or "stop"
             if reason is not None:
-                self._end(r, reason, None if e.error is None else LogitsError(e.error))
+                self._end(r, reason, error)
             elif r.follow and r.waiter is not None and (e.token is not None or e.stats is not None):
                 r.waiter.notify_all()
 

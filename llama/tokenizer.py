@@ -36,6 +36,12 @@ def _checked_text(s: str) -> str:
     return s
 
 
+def _known(ids: Sequence[int], n_words: int) -> List[int]:
+    """The ids a tokenizer has a token for. A model's vocabulary may be padded beyond its tokenizer's
+    (to a multiple of 64, or with reserved rows); a sampled id among the padding has no text."""
+    return [i for i in ids if 0 <= i < n_words]
+
+
 def _frame(tok, ids: List[int], bos: bool, eos: bool) -> List[int]:
     return ([tok.bos_id] if bos else []) + ids + ([tok.eos_id] if eos else [])
 
@@ -68,11 +74,13 @@ class Tokenizer:
         return _frame(self, self.sp.encode(_checked_text(s)), bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))
+        return self.sp.decode(_known(ids, self.n_words))
 
     def token_bytes(self, i: int) -> bytes:
         """The bytes token `i` stands for: a byte piece's byte, a piece's text with its leading space;
-        a control token's (<s>, </s>) and <unk>'s are its piece."""
+        a control token's (<s>, </s>) and <unk>'s are its piece; an id without a piece: none."""
+        if not 0 <= i < self.n_words:
+            return b""
         piece = self.sp.id_to_piece(i)
         if self.sp.is_byte(i):
             return bytes([int(piece[3:5], 16)])
@@ -159,11 +167,11 @@ class Llama3Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         # A multi-byte character cut between tokens decodes to U+FFFD until its last byte arrives.
-        return self.model.decode(list(ids), errors="replace")
+        return self.model.decode(_known(ids, self.n_words), errors="replace")
 
     def token_bytes(self, i: int) -> bytes:
-        """The bytes token `i` stands for (a special token's: its text)."""
-        return self.model.decode_single_token_bytes(i)
+        """The bytes token `i` stands for (a special token's: its text; an id without a token: none)."""
+        return self.model.decode_single_token_bytes(i) if 0 <= i < self.n_words else b""
 
     @property
     def special_ids(self) -> FrozenSet[int]:
@@ -308,6 +316,7 @@ class HFTokenizer:
         return _frame(self, self.tk.encode(_checked_text(s), add_special_tokens=False).ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:
+        ids = _known(ids, self.n_words)
         skip = not self.llama3_style
         if not self._byte_pieces:
             return self.tk.decode(list(ids), skip_special_tokens=skip)

@@ -237,3 +237,44 @@ def test_submit_calls_on_change_from_the_engine_and_poll_reads_without_waiting(g
     assert "".join(d.text for d in seen) == c.text == expected
     assert sum(len(d.tokens) for d in seen) == len(c.tokens) == 12
     assert len(calls) >= 12 and threading.get_ident() not in calls  # once a step at least, from the driver
+
+
+def test_a_vocabulary_padded_beyond_the_tokenizer_generates_ids_without_text(tiny_ckpt, tmp_path):
+    """Checkpoints pad vocab_size past the tokenizer's pieces (to a multiple of 64, reserved rows). A sampled id
+    among the padding has no text: the completion goes on, its text skips it, and the engine keeps serving."""
+    from llama.checkpoint import write_checkpoint
+    from llama.tiny import TINY_PARAMS, random_state_dict
+    from llama.model import ModelArgs
+    from llama.tokenizer import Tokenizer
+
+    n_words = Tokenizer(str(tiny_ckpt / "tokenizer.model")).n_words
+    params = {**TINY_PARAMS, "vocab_size": n_words + 64}
+    ckpt = write_checkpoint(tmp_path / "padded", params, random_state_dict(ModelArgs.from_params(params)),
+                            tokenizer_path=tiny_ckpt / "tokenizer.model")
+    llama = Llama.build(str(ckpt), max_seq_len=32, max_batch_size=2)
+    padded = n_words + 5
+    done = llama.submit(llama.tokenizer.encode("the cat", bos=True, eos=False), 6, temperature=0,
+                        logit_bias={padded: 100.0}).wait()
+    assert done.tokens == [padded] * 6
+    assert done.text == ""
+    assert llama.tokenizer.decode([padded, *llama.tokenizer.encode("the cat", bos=False, eos=False)]) == "the cat"
+    assert llama.tokenizer.token_bytes(padded) == b""
+    again = llama.text_completion(["the cat"], max_gen_len=4, temperature=0)  # still serving
+    assert len(again) == 1
+
+
+def test_a_request_whose_text_fails_ends_alone_with_its_error(tiny_llama, monkeypatch):
+    """A failure while taking one request's token (its text, say) fails that request; the others finish, the
+    engine goes on, and no caller waits forever."""
+    prompts = [tiny_llama.tokenizer.encode(p, bos=True, eos=False) for p in ("the cat", "a dog")]
+    bad, good = (tiny_llama.submit(p, 8, temperature=0) for p in prompts)
+
+    def broken(token):
+        raise UnicodeError("simulated: this request's text cannot be decoded")
+
+    bad.request.stream.push = broken
+    with pytest.raises(UnicodeError, match="simulated"):
+        bad.wait()
+    assert len(good.wait().tokens) == 8
+    assert bad.request.finish_reason == "error"
+    assert len(tiny_llama.text_completion(["the cat"], max_gen_len=3, temperature=0)) == 1
