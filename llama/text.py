@@ -105,7 +105,9 @@ class TextStream:
     Streaming, stop strings and the final text all read it from here, so the streamed pieces add
     up to the final text exactly. A piece is settled only once it ends in a whole character (a
     multi-byte character may arrive as several byte tokens), and `pop` holds back any tail that
-    could still grow into a stop string.
+    could still grow into a stop string. Without stop strings nothing needs the text as each token
+    arrives: tokens wait, and are decoded together when the text is read (a stream reads it every
+    few tokens, a whole completion once), not once per token in the engine's step.
     """
 
     def __init__(self, tokenizer: AnyTokenizer, context: Sequence[int], stop: Sequence[str] = ()):
@@ -114,8 +116,8 @@ class TextStream:
         self.matcher = stop_matcher(tuple(self.stop)) if self.stop else None
         self.state = 0  # the matcher's state after the settled text
         self.context = list(context)[-_STREAM_CONTEXT:]
-        self.pending: List[int] = []  # tokens whose text may still end in half a character
-        self.text = ""  # settled text, cut before a stop string once one appears
+        self.pending: List[int] = []  # tokens whose text may still end in half a character, or not yet read
+        self.settled = ""  # settled text, cut before a stop string once one appears
         self.sent = 0  # characters of `text` already handed out by pop()
         self.stopped = False  # a stop string appeared
         self.finished = False  # no more tokens will come
@@ -123,9 +125,8 @@ class TextStream:
     def push(self, token: int) -> bool:
         """Add a token; True once a stop string has appeared."""
         self.pending.append(token)
-        piece = decode_continuation(self.tokenizer, self.context, self.pending)
-        if not piece.endswith("\ufffd"):
-            self._settle(piece)
+        if self.matcher is not None:
+            self._catch_up()
         return self.stopped
 
     def finish(self) -> None:
@@ -134,11 +135,24 @@ class TextStream:
             self._settle(decode_continuation(self.tokenizer, self.context, self.pending))
         self.finished = True
 
+    @property
+    def text(self) -> str:
+        """The text so far, settled: cut before a stop string, and short of a half-arrived character."""
+        self._catch_up()
+        return self.settled
+
+    def _catch_up(self) -> None:
+        """Settle the pending tokens unless their text ends in half a character."""
+        if self.pending and not self.stopped:
+            piece = decode_continuation(self.tokenizer, self.context, self.pending)
+            if not piece.endswith("\ufffd"):
+                self._settle(piece)
+
     def _settle(self, piece: str) -> None:
         self.context = (self.context + self.pending)[-_STREAM_CONTEXT:]
         self.pending = []
-        start = len(self.text)
-        self.text += piece
+        start = len(self.settled)
+        self.settled += piece
         if self.matcher is None:
             return
         cut, state, ends, step = None, self.state, self.matcher.ends, self.matcher.step
@@ -148,13 +162,13 @@ class TextStream:
                 cut = i - ends[state]  # the earliest start of a stop string ending in this piece
         self.state = state
         if cut is not None:
-            self.text = self.text[:cut]
+            self.settled = self.settled[:cut]
             self.stopped = True
 
     def pop(self) -> str:
         """Text settled since the last pop, up to where no stop string could still begin."""
         end = self._releasable()
-        piece = self.text[self.sent : end]
+        piece = self.settled[self.sent : end]
         self.sent = max(self.sent, end)
         return piece
 
@@ -163,6 +177,7 @@ class TextStream:
         return self._releasable() > self.sent
 
     def _releasable(self) -> int:
+        self._catch_up()
         if self.stopped or self.finished or self.matcher is None:
-            return len(self.text)
-        return len(self.text) - self.matcher.depth[self.state]  # the tail that could still become a stop string
+            return len(self.settled)
+        return len(self.settled) - self.matcher.depth[self.state]  # the tail that could still become a stop string

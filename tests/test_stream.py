@@ -51,6 +51,25 @@ def test_pieces_are_whole_characters_and_join_to_the_text(tiny_ckpt, tmp_path):
                 assert sum(1 for p in pieces if p) > 3  # released as it goes, not all at the end
 
 
+@pytest.mark.parametrize("every", [1, 3, 7, 1000])
+def test_text_read_every_few_tokens_is_the_text_read_at_each(tiny_ckpt, tmp_path, every):
+    """Without stop strings the tokens wait to be decoded until the text is read: pieces read every few tokens (or
+    once, at the end) join to the same text as pieces read after each token, and hold no broken character."""
+    for tok in tokenizers(tiny_ckpt, tmp_path):
+        for text in TEXTS:
+            context = [tok.bos_id]
+            tokens = tok.encode(text, bos=False, eos=False)
+            s, pieces = TextStream(tok, context), []
+            for i, t in enumerate(tokens, 1):
+                assert s.push(t) is False
+                if i % every == 0:
+                    pieces.append(s.pop())
+            s.finish()
+            pieces.append(s.pop())
+            assert "".join(pieces) == s.text == stream_tokens(tok, context, tokens)[1]
+            assert not any("\ufffd" in p for p in pieces), (type(tok).__name__, pieces)
+
+
 def test_streamed_text_holds_back_a_possible_stop_string(tiny_ckpt):
     tok = Tokenizer(tiny_ckpt / "tokenizer.model")
     tokens = tok.encode("the cat ran. the cat sat. the dog", bos=False, eos=False)
