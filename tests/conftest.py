@@ -123,6 +123,18 @@ def start_process(cmd, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, **kwargs)
 
 
+@pytest.fixture
+def served(monkeypatch):
+    """llama-serve's main up to the point where it would serve: its Service."""
+    got = {}
+
+    def serve_rank0(service, config, sock, preload=None):
+        got["service"] = service
+        sock.close()
+    monkeypatch.setattr("llama.serve.server.serve_rank0", serve_rank0)
+    return got
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny1", num_shards=1, seed=0)

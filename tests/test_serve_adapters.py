@@ -198,17 +198,6 @@ def test_an_adapter_on_an_unloaded_base_loads_the_base(tiny_ckpt, folders, refs)
         assert r.json()["choices"][0]["text"] == greedy(refs["sql"], "The cat")
 
 
-@pytest.fixture
-def served(monkeypatch):
-    got = {}
-
-    def serve_rank0(service, config, sock, preload=None):
-        got["service"] = service
-        sock.close()
-    monkeypatch.setattr("llama.serve.server.serve_rank0", serve_rank0)
-    return got
-
-
 def test_llama_serve_takes_adapters_by_name_and_refuses_a_bad_one_at_start(served, tiny_ckpt, folders):
     status, _, err = run_main(serve.main, "--ckpt_dir", tiny_ckpt, "--lora", f"sql={folders['sql']}", "--lora",
                               f"tiny1:poems={folders['poems']}", "--port", "0", "--nopage")

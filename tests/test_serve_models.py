@@ -263,18 +263,6 @@ def test_two_models_with_one_name_are_refused():
 
 # The command line.
 
-@pytest.fixture
-def served(monkeypatch):
-    """llama-serve's main up to the point where it would serve: its Service."""
-    got = {}
-
-    def serve_rank0(service, config, sock, preload=None):
-        got["service"] = service
-        sock.close()
-    monkeypatch.setattr("llama.serve.server.serve_rank0", serve_rank0)
-    return got
-
-
 def test_llama_serve_takes_models_from_flags_and_a_models_file(served, ckpts, tmp_path):
     status, _, err = run_main(serve.main, "--model", f"a={ckpts['alpha']}", "--model", f"b={ckpts['beta']}",
                               "--port", "0", "--nopage", "--max_loaded", "1", "--max_seq_len", "64")
